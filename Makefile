@@ -1,0 +1,29 @@
+# Two entry points (README.md): `make demo` runs the study, `make test` runs the tests.
+# Each installs into .venv first when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: demo test test-all params install
+
+$(VENV)/.installed: pyproject.toml
+	@echo "== installing skinaug and its dependencies into $(VENV) (torch from the local disk; ~2 min)"
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+params: $(VENV)/.installed  ## recompose params.yaml from conf/ (dvc exp run does this itself)
+	$(PY) -c "import os; from dvc.utils.hydra import compose_and_dump; compose_and_dump('params.yaml', os.path.abspath('conf'), None, 'config', '.', [])"
+
+demo: $(VENV)/.installed  ## the whole demo study on the CPU: dvc repro
+	@echo "== dvc repro (demo profile: embedded data, tiny model, CPU)"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} dvc repro
+	@echo "== done: tables and figures in reports/"
+
+test: $(VENV)/.installed  ## the test suite (fast and slow tests; no network)
+	@echo "== pytest"
+	$(PY) -m pytest -q

