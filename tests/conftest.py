@@ -39,3 +39,24 @@ def tiny_base(tmp_path_factory) -> Path:
     from skinaug import tinymodel
 
     return tinymodel.build(tmp_path_factory.mktemp("base") / "base", seed=0, resolution=32)
+
+
+@pytest.fixture(scope="session")
+def world_dir(repo_cfg, tmp_path_factory) -> Path:
+    """The demo world (metadata.csv + images/) from params.yaml's world section, made once per session (~5 s)."""
+    from skinaug import world
+
+    out = tmp_path_factory.mktemp("world") / "world"
+    world.make_world(repo_cfg.world, repo_cfg.subset, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fitz_csv() -> Path:
+    """The real fitzpatrick17k.csv named by env SKINAUG_FITZ_CSV; tests that need it skip when unset."""
+    path = os.environ.get("SKINAUG_FITZ_CSV")
+    if not path:
+        pytest.skip("real-data check: set SKINAUG_FITZ_CSV to fitzpatrick17k.csv (e.g. ../shared/data/fitzpatrick17k.csv)")
+    if not Path(path).is_file():
+        pytest.fail(f"SKINAUG_FITZ_CSV={path} is not a file")
+    return Path(path)

@@ -51,10 +51,10 @@ def _seed_option(f):
 @click.pass_context
 def world(ctx, out_dir: Path) -> None:
     """Generate the embedded demo world (metadata.csv + images/) into OUT_DIR. Seconds."""
-    from skinaug import data
+    from skinaug import world as world_mod
 
     cfg = _cfg(ctx)
-    df = data.make_world(cfg.world, cfg.subset, out_dir)
+    df = world_mod.make_world(cfg.world, cfg.subset, out_dir)
     click.echo(f"world: {len(df)} images in {out_dir}")
 
 
@@ -96,14 +96,17 @@ def images(ctx, subset_csv: Path, out_dir: Path, available: Path, failures: Path
 @click.option("--scenario", type=int, default=None, help="1, 2 or 3; default from params.")
 @_seed_option
 @click.option("--sampling", type=click.Choice(["pooled", "per_type"]), default=None, help="Default from params.")
+@click.option("--images", "images_dir", type=ExistingPath, default=None,
+              help="Folder of {md5hash}.jpg; needed only with splits.dedupe (finds near-duplicates).")
 @click.pass_context
-def splits(ctx, subset_csv: Path, out_dir: Path, scenario: int | None, seed: int, sampling: str | None) -> None:
+def splits(ctx, subset_csv: Path, out_dir: Path, scenario: int | None, seed: int, sampling: str | None,
+           images_dir: Path | None) -> None:
     """Write OUT_DIR/{train,test,flex_light,flex_dark}.csv for one scenario and seed."""
     from skinaug import splits as splits_mod
 
     cfg = _cfg(ctx)
     scenario = config.check_scenario(cfg.scenario if scenario is None else scenario)
-    sizes = splits_mod.write_splits(subset_csv, out_dir, scenario, seed, cfg.splits, sampling)
+    sizes = splits_mod.write_splits(subset_csv, out_dir, scenario, seed, cfg.splits, sampling, images_dir)
     click.echo("splits: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
 
 
@@ -186,16 +189,66 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
     from skinaug import classify as classify_mod
 
     cfg = _cfg(ctx)
-    classify_mod.run(split_dir, images_dir, syn_dir, out_json, arch, train_type, cfg, seed, test_name=test_name)
+    m = classify_mod.run(split_dir, images_dir, syn_dir, out_json, arch, train_type, cfg, seed, test_name=test_name)
+    click.echo(f"classify: {arch} {train_type} seed {seed} on {test_name} ({m['n_test']} images): "
+               f"accuracy {m['accuracy_pct']:.2f}%, macro F1 {m['f1_pct']:.2f}%; "
+               f"epoch {m['chosen_epoch']}/{m['epochs']} by {m['selection']['rule']} ({m['selection']['label']}); "
+               f"{m['n_train']['total']} training images, {m['seconds']:.0f} s -> {out_json}")
 
 
 @main.command()
 @click.argument("metrics_dir", type=ExistingPath)
 @click.argument("out_dir", type=PathArg)
+@click.option("--split-dir", type=ExistingPath, default=None, help="One seed's split, for the real-vs-synthetic figure.")
+@click.option("--images-dir", type=ExistingPath, default=None, help="Real images ({md5hash}.jpg), for that figure.")
+@click.option("--syn-dir", type=ExistingPath, default=None, help="That seed's synthetic images with manifest.csv.")
 @click.pass_context
-def report(ctx, metrics_dir: Path, out_dir: Path) -> None:
-    """Aggregate metrics over seeds into the paper's tables and figures."""
+def report(ctx, metrics_dir: Path, out_dir: Path, split_dir: Path | None, images_dir: Path | None,
+           syn_dir: Path | None) -> None:
+    """Aggregate metrics over seeds into the paper's tables and figures (OUT_DIR/results.md, figures/)."""
     from skinaug import report as report_mod
 
     cfg = _cfg(ctx)
-    report_mod.build_report(metrics_dir, out_dir, cfg)
+    head = report_mod.build_report(metrics_dir, out_dir, cfg, split_dir=split_dir, images_dir=images_dir, syn_dir=syn_dir)
+    click.echo(f"report: {out_dir / 'results.md'}; scenario {head['scenario']} ({head['selection']}): "
+               + ", ".join(f"{a} {t} {v['accuracy_pct']:.2f}%" for a, d in head.items() if isinstance(d, dict)
+                           for t, v in d.items()))
+
+
+@main.command()
+@click.argument("out_dir", type=PathArg)
+@click.option("--scenario", type=int, default=None, help="1, 2 or 3; default from params.")
+@_seed_option
+@click.option("--ti-dir", type=PathArg, default=None, help="Default models/scenario{S}/seed{seed}/ti (dvc.yaml).")
+@click.option("--lora-dir", type=PathArg, default=None, help="Default models/scenario{S}/seed{seed}/lora.")
+@click.option("--base-dir", type=PathArg, default=Path("models/base"), show_default=True)
+@click.option("--split-dir", type=PathArg, default=None, help="Default data/splits/scenario{S}/seed{seed}.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.pass_context
+def export(ctx, out_dir: Path, scenario: int | None, seed: int, ti_dir: Path | None, lora_dir: Path | None,
+           base_dir: Path, split_dir: Path | None, force: bool) -> None:
+    """Bundle one scenario and seed's tokens and LoRA with a model card, loadable by stock diffusers."""
+    from skinaug import export as export_mod
+
+    cfg = _cfg(ctx)
+    scenario = config.check_scenario(cfg.scenario if scenario is None else scenario)
+    run = Path(f"models/scenario{scenario}/seed{seed}")  # the layout dvc.yaml gives the adapter stages
+    export_mod.export_bundle(
+        out_dir, ti_dir=ti_dir or run / "ti", lora_dir=lora_dir or run / "lora", base_dir=base_dir,
+        split_dir=split_dir or Path(f"data/splits/scenario{scenario}/seed{seed}"), scenario=scenario, seed=seed,
+        generate=cfg.generate, resolution=cfg.model.resolution, data_source=cfg.data.source, force=force)
+
+
+@main.command()
+@click.argument("split_dir", type=ExistingPath)
+@click.argument("images_dir", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.option("--syn-dir", type=ExistingPath, default=None, help="Synthetic images with manifest.csv.")
+@click.pass_context
+def tone(ctx, split_dir: Path, images_dir: Path, out_dir: Path, syn_dir: Path | None) -> None:
+    """Skin tone (ITA) of real light, real dark and synthetic images: CSVs, summary and figure."""
+    from skinaug import tone as tone_mod
+
+    cfg = _cfg(ctx)
+    summary = tone_mod.write_tone_report(split_dir, images_dir, syn_dir, out_dir, cfg.splits.light)
+    click.echo(summary.to_string(index=False))

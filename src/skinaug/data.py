@@ -1,0 +1,233 @@
+"""Metadata, study subset and images (SPEC §1); the demo world is in world.py.
+
+Stages (dvc.yaml runs them; by hand, from the repository root):
+
+    skinaug subset data/world/metadata.csv data/subset.csv --table reports/table1.md
+    skinaug images data/subset.csv data/images \
+        --available data/available.csv --failures reports/image_failures.csv
+
+`subset` keeps exactly 1,631 rows of the real fitzpatrick17k.csv (paper Table 1);
+the demo world (world.py) is drawn with exactly those counts per label and skin
+type, so every later stage sees the study's sizes either way. `images` copies from a local folder
+(data.images_dir) or downloads the `url` column, resuming where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import pandas as pd
+import requests
+from PIL import Image
+from tqdm import tqdm
+
+from skinaug import SkinaugError, atomic
+from skinaug.config import DataConfig, DownloadConfig, SubsetConfig
+
+COLUMNS = ["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
+           "three_partition_label", "qc", "url", "url_alphanum"]
+# Hex hashes that happen to be all digits must not become numbers.
+_DTYPES = {"md5hash": str, "label": str, "url": str, "url_alphanum": str, "qc": str}
+
+_ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI"}
+
+
+# --- metadata and the study subset -------------------------------------------------
+
+def load_metadata(path: str | Path, md5: str | None) -> pd.DataFrame:
+    """Read a Fitzpatrick17k-style CSV; verify its md5 first when one is pinned."""
+    path = Path(path)
+    if not path.exists():
+        raise SkinaugError(f"{path} not found; fetch the pinned metadata with `dvc update data.dvc`")
+    if md5 is not None:
+        actual = _md5(path)
+        if actual != md5:
+            raise SkinaugError(
+                f"{path} has md5 {actual}, expected {md5} (data.metadata_md5): not the pinned file. "
+                "Fetch it again with `dvc update data.dvc` (or download fitzpatrick17k.csv from "
+                "github.com/mattgroh/fitzpatrick17k at the commit data.dvc names)")
+    meta = pd.read_csv(path, dtype=_DTYPES)
+    missing = [c for c in COLUMNS if c not in meta.columns]
+    if missing:
+        raise SkinaugError(f"{path} lacks column(s) {', '.join(missing)}; expected the Fitzpatrick17k columns")
+    return meta
+
+
+def study_subset(meta: pd.DataFrame, subset: SubsetConfig) -> pd.DataFrame:
+    """The study's rows (labels x skin types), original columns and row order. Real CSV: 1,631."""
+    absent = sorted(set(subset.labels) - set(meta["label"]))
+    if absent:
+        raise SkinaugError(f"label(s) {', '.join(absent)} not in the metadata; check subset.labels spelling")
+    keep = meta["label"].isin(subset.labels) & meta["fitzpatrick_scale"].isin(subset.fitzpatrick_scales)
+    return meta[keep].reset_index(drop=True)
+
+
+def table1(subset_df: pd.DataFrame, title: str | None = None) -> str:
+    """Markdown counts, label x Fitzpatrick skin type with totals (paper Table 1 layout)."""
+    counts = pd.crosstab(subset_df["label"], subset_df["fitzpatrick_scale"])
+    scales = list(counts.columns)
+    title = title or "Table 1: study subset, images per label and Fitzpatrick skin type (FST)"
+    rows = [["label", *(f"FST {_ROMAN.get(s, s)}" for s in scales), "total"],
+            ["---", *("---:" for _ in scales), "---:"]]
+    rows += [[label, *(str(int(v)) for v in row), str(int(row.sum()))] for label, row in counts.iterrows()]
+    rows.append(["total", *(str(int(v)) for v in counts.sum()), str(len(subset_df))])
+    return f"{title}; {len(subset_df)} in all.\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in rows)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- images: local folder or download ----------------------------------------------
+
+# Some atlas servers refuse clients that do not look like a browser.
+_HEADERS = {
+    "User-Agent": ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                   "Chrome/124.0 Safari/537.36"),
+    "Accept": "image/avif,image/webp,image/apng,image/*,*/*;q=0.8",
+}
+_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+def collect_images(subset_csv: Path, out_dir: Path, available_csv: Path, failures_csv: Path,
+                   data_cfg: DataConfig, download_cfg: DownloadConfig) -> pd.DataFrame:
+    """Make out_dir/{md5hash}.jpg for every subset row; return (and write) the rows that have one.
+
+    From data_cfg.images_dir when set (nothing downloaded), else from each row's `url`
+    (download_cfg.workers at a time, retried with back-off). Images already in out_dir
+    that decode are kept, so an interrupted run resumes. Writes failures_csv (md5hash,
+    url, reason) and image_counts.md beside it; stops if any image is missing unless
+    data.allow_missing.
+    """
+    rows = load_metadata(subset_csv, None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".*.tmp*"):  # temp files of an interrupted run
+        leftover.unlink()
+
+    if data_cfg.images_dir is not None:
+        source = Path(data_cfg.images_dir)
+        if not source.is_dir():
+            raise SkinaugError(f"data.images_dir {source} is not a folder; set it to the folder of "
+                               "{md5hash}.jpg files, or to null to download")
+        fetch, what = (lambda row: _copy_local(row, source, out_dir)), f"from {source}"
+    else:
+        fetch, what = (lambda row: _download_one(row, out_dir, download_cfg)), "downloaded"
+    status = _run_all(rows, fetch, download_cfg.workers)
+
+    outcome = rows["md5hash"].map(status)
+    ok = outcome.isin(["present", "fetched"])
+    failed = rows.loc[~ok, ["md5hash", "url"]].assign(reason=outcome[~ok])
+    atomic.write_csv(failures_csv, failed)
+    available = rows[ok]
+    fetched = int((outcome == "fetched").sum())
+    print(f"images: {len(available)} of {len(rows)} available in {out_dir} ({len(available) - fetched} already "
+          f"there, {fetched} {what}, {len(failed)} missing; see {failures_csv})")
+    counts_md = Path(failures_csv).with_name("image_counts.md")
+    atomic.write_text(counts_md, table1(available, title="Images available per label and skin type"))
+    if len(failed) and not data_cfg.allow_missing:
+        Path(available_csv).unlink(missing_ok=True)  # never leave an earlier run's list looking current
+        raise SkinaugError(f"{len(failed)} of {len(rows)} images missing; see {failures_csv}; "
+                           "set data.allow_missing: true to drop them")
+    if len(failed):
+        print(f"images: dropping {len(failed)} rows (data.allow_missing); what remains ({counts_md}):\n"
+              + table1(available, title="Images available"))
+    atomic.write_csv(available_csv, available)
+    return available
+
+
+def _run_all(rows: pd.DataFrame, fetch, workers: int) -> dict[str, str]:
+    """Run fetch(row) -> "present" | "fetched" | failure reason over all rows, with a progress bar."""
+    status = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(fetch, row): row.md5hash for row in rows.itertuples(index=False)}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="images", unit="img", disable=None):
+            status[futures[fut]] = fut.result()
+    return status
+
+
+def _copy_local(row, source: Path, out_dir: Path) -> str:
+    dest = out_dir / f"{row.md5hash}.jpg"
+    if _image_problem(dest) is None:
+        return "present"
+    found = next((p for p in (source / f"{row.md5hash}{s}" for s in _SUFFIXES) if p.exists()), None)
+    if found is None:
+        return f"not in {source}"
+    data = found.read_bytes()
+    problem = _image_problem(data)
+    if problem:
+        return f"{found.name} is not a readable image ({problem})"
+    _store(data, dest)
+    return "fetched"
+
+
+_local = threading.local()
+
+
+def _download_one(row, out_dir: Path, cfg: DownloadConfig) -> str:
+    dest = out_dir / f"{row.md5hash}.jpg"
+    if _image_problem(dest) is None:
+        return "present"
+    if not isinstance(row.url, str) or not row.url.startswith(("http://", "https://")):
+        return f"no usable url ({row.url!r})"
+    if not hasattr(_local, "session"):  # one connection pool per worker thread
+        _local.session = requests.Session()
+        _local.session.headers.update(_HEADERS)
+    reason = "no attempt"
+    for attempt in range(cfg.retries + 1):
+        if attempt:
+            time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+        try:
+            resp = _local.session.get(row.url, timeout=cfg.timeout_s)
+        except requests.Timeout:
+            reason = f"timeout after {cfg.timeout_s:g} s"
+            continue
+        except requests.RequestException as e:
+            reason = f"connection failed ({type(e).__name__})"
+            continue
+        if resp.status_code != 200:
+            reason = f"HTTP {resp.status_code}"
+            if resp.status_code in (408, 429) or resp.status_code >= 500:
+                continue  # the server may recover
+            return reason  # 404 and friends will not change on a retry
+        problem = _image_problem(resp.content)
+        if problem:
+            return f"not an image ({problem})"  # an error page served as 200; retrying gives the same page
+        _store(resp.content, dest)
+        return "fetched"
+    return reason
+
+
+def _image_problem(data: bytes | Path) -> str | None:
+    """None when `data` (bytes or a file) decodes completely as an image, else what is wrong."""
+    if isinstance(data, Path) and not data.exists():
+        return "missing"
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        with Image.open(src) as img:
+            img.verify()
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        with Image.open(src) as img:
+            img.load()  # verify() misses truncated JPEG data; a full decode does not
+    except Exception as e:  # PIL raises many types for bad data
+        return f"{type(e).__name__}: {e}"[:120]
+    return None
+
+
+def _store(data: bytes, dest: Path) -> None:
+    """Write image bytes to dest atomically, as JPEG (re-encoded only when they are not JPEG already)."""
+    with Image.open(io.BytesIO(data)) as img:
+        is_jpeg = img.format == "JPEG"
+        with atomic.atomic_path(dest) as tmp:
+            if is_jpeg:
+                tmp.write_bytes(data)
+            else:
+                img.convert("RGB").save(tmp, format="JPEG", quality=95)
