@@ -179,21 +179,24 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
 @click.option("--syn-dir", type=ExistingPath, default=None, help="Synthetic images with manifest.csv (syn, real_syn).")
 @click.option("--arch", required=True, help="vgg16, resnet18 or vit_b_16.")
 @click.option("--train-type", required=True, type=click.Choice(["real", "syn", "real_syn"]))
-@click.option("--test", "test_name", default="test", show_default=True,
-              help="Which split CSV to test on (test, flex_light, flex_dark).")
+@click.option("--test", "test_names", multiple=True, default=["test"], show_default=True,
+              help="Split CSV(s) to test on (test, flex_light, flex_dark); with several, OUT_JSON holds {test}.")
 @_seed_option
 @click.pass_context
 def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Path | None,
-             arch: str, train_type: str, test_name: str, seed: int) -> None:
-    """Train one classifier and write its test metrics (JSON)."""
+             arch: str, train_type: str, test_names: tuple[str, ...], seed: int) -> None:
+    """Train one classifier and write its metrics (JSON) on each test set."""
     from skinaug import classify as classify_mod
 
     cfg = _cfg(ctx)
-    m = classify_mod.run(split_dir, images_dir, syn_dir, out_json, arch, train_type, cfg, seed, test_name=test_name)
-    click.echo(f"classify: {arch} {train_type} seed {seed} on {test_name} ({m['n_test']} images): "
-               f"accuracy {m['accuracy_pct']:.2f}%, macro F1 {m['f1_pct']:.2f}%; "
-               f"epoch {m['chosen_epoch']}/{m['epochs']} by {m['selection']['rule']} ({m['selection']['label']}); "
-               f"{m['n_train']['total']} training images, {m['seconds']:.0f} s -> {out_json}")
+    if len(test_names) > 1 and "{test}" not in str(out_json):
+        raise click.UsageError("several --test sets need a {test} placeholder in OUT_JSON")
+    outputs = {name: Path(str(out_json).replace("{test}", name)) for name in test_names}
+    for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed):
+        click.echo(f"classify: {arch} {train_type} seed {seed} on {m['test_name']} ({m['n_test']} images): "
+                   f"accuracy {m['accuracy_pct']:.2f}%, macro F1 {m['f1_pct']:.2f}%; "
+                   f"epoch {m['chosen_epoch']}/{m['epochs']} by {m['selection']['rule']} "
+                   f"({m['selection']['label']}); {m['n_train']['total']} training images, {m['seconds']:.0f} s")
 
 
 @main.command()
@@ -252,3 +255,28 @@ def tone(ctx, split_dir: Path, images_dir: Path, out_dir: Path, syn_dir: Path | 
     cfg = _cfg(ctx)
     summary = tone_mod.write_tone_report(split_dir, images_dir, syn_dir, out_dir, cfg.splits.light)
     click.echo(summary.to_string(index=False))
+
+
+@main.command()
+@click.option("--tiny", is_flag=True, help="The tiny model at 16 px: the same code, seconds on a CPU (not GPU figures).")
+@click.option("--out-dir", type=PathArg, default=Path("benchmarks/results"), show_default=True,
+              help="Where the JSON goes ({date}_{device}.json).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--only", default="generation,ti,lora,classifiers", show_default=True,
+              help="Comma-separated workloads; the study estimate needs all four.")
+@click.option("--base", type=ExistingPath, default=None,
+              help="Benchmark this diffusers folder instead of random weights (makes image differences meaningful).")
+@click.pass_context
+def bench(ctx, tiny: bool, out_dir: Path, device: str, only: str, base: Path | None) -> None:
+    """Speed against the reference implementation and the card's limit (SD 2.1-base, random weights).
+
+    Fixed reference settings: runs without params.yaml; with it, the paper profile's study sizes.
+    """
+    from skinaug import bench as bench_mod
+
+    params = Path(ctx.find_root().params["params"])
+    cfg = _cfg(ctx) if params.exists() else None
+    result = bench_mod.run(out_dir, tiny=tiny, device=device, only=tuple(w.strip() for w in only.split(",")),
+                           cfg=cfg, base=base)
+    click.echo(result["table"])
+    click.echo(f"bench: {result['seconds']:.0f} s -> {result['path']}")

@@ -1,0 +1,270 @@
+"""Classifiers: heads, frozen backbones, offline weights, sampler, validation hold-out, metrics, runs.
+
+Everything runs on the CPU in seconds with random weights; nothing touches the network
+(the autouse fixture below makes any torch hub download fail).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from skinaug import SkinaugError, classify, config
+from skinaug.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = config.load(ROOT / "params.yaml").subset.labels
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache, and downloads that fail as they would without a network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+def small_cfg(**classify_changes) -> config.Config:
+    """The real params.yaml with a classifier small enough for a test."""
+    cfg = config.load(ROOT / "params.yaml")
+    changes = {"archs": ["resnet18"], "pretrained": False, "freeze_backbone": True, "epochs": 2, "batch_size": 16,
+               "image_size": 36, "crop_size": 32, "selection": "last"}
+    return config.replace(cfg, classify=config.replace(cfg.classify, **{**changes, **classify_changes}))
+
+
+def write_study(root: Path, per_label_train: int = 4, per_label_test: int = 2, syn_per_source: int = 1) -> dict:
+    """A split folder, an images folder and a synthetic folder with a manifest, all tiny."""
+    rng = np.random.default_rng(0)
+    split_dir, images_dir, syn_dir = root / "split", root / "images", root / "syn"
+    for d in (split_dir, images_dir, syn_dir / "images"):
+        d.mkdir(parents=True)
+
+    def image(label_id: int) -> Image.Image:
+        base = np.full((40, 48, 3), 30 * label_id, dtype=np.uint8)  # a label you can see
+        return Image.fromarray(np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8))
+
+    def rows(name: str, per_label: int, scales: list[int]) -> pd.DataFrame:
+        out = []
+        for i, label in enumerate(LABELS):
+            for k in range(per_label):
+                md5 = f"{name}{i}{k:02d}".ljust(32, "0")
+                image(i).save(images_dir / f"{md5}.jpg")
+                out.append({"md5hash": md5, "fitzpatrick_scale": scales[k % len(scales)], "label": label})
+        df = pd.DataFrame(out)
+        df.to_csv(split_dir / f"{name}.csv", index=False)
+        return df
+
+    train = rows("train", per_label_train, [1, 2, 5, 6])
+    rows("test", per_label_test, [5, 6])
+    rows("flex_light", 1, [1, 2])
+    manifest = []
+    for _, r in train.iterrows():
+        for k in range(syn_per_source):
+            file = f"images/{r.md5hash}_{k}.png"
+            image(LABELS.index(r.label)).resize((32, 32)).save(syn_dir / file)
+            manifest.append({"file": file, "source_md5hash": r.md5hash, "label": r.label, "fitzpatrick_scale": 5,
+                             "prompt": "p", "seed": k, "strength": 0.5, "guidance": 2.0, "steps": 20})
+    pd.DataFrame(manifest).to_csv(syn_dir / "manifest.csv", index=False)
+    return {"split_dir": split_dir, "images_dir": images_dir, "syn_dir": syn_dir}
+
+
+# --- the network ---------------------------------------------------------------------------
+
+HEADS = {"vgg16": "classifier.6.", "resnet18": "fc.", "vit_b_16": "heads.head."}
+
+
+@pytest.mark.parametrize("arch", classify.ARCHS)
+def test_frozen_backbone_gives_seven_log_probs_and_only_the_head_trains(arch):
+    torch.manual_seed(0)
+    model = classify.build_classifier(arch, 7, pretrained=False, freeze_backbone=True)
+    size, n = (224, 1) if arch == "vit_b_16" else (32, 2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(HEADS[arch]) for name in trainable)
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = model(torch.randn(n, 3, size, size))
+    assert out.shape == (n, 7)
+    assert torch.allclose(out.exp().sum(1), torch.ones(n))  # log-probabilities
+    torch.nn.functional.nll_loss(out, torch.arange(n)).backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name in trainable:
+            continue
+        assert torch.equal(p, before[name]), name
+    assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters() if name in trainable)
+
+
+def test_unfrozen_backbone_trains_everything_and_vit_takes_small_images():
+    model = classify.build_classifier("vit_b_16", 7, pretrained=False, freeze_backbone=False, image_size=32)
+    assert all(p.requires_grad for p in model.parameters())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_missing_weights_offline_say_where_to_put_them(tmp_path):
+    with pytest.raises(SkinaugError) as err:
+        classify.build_classifier("resnet18", 7, pretrained=True, freeze_backbone=True)
+    message = str(err.value)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "classify.pretrained: false" in message and "\n" not in message
+
+
+def test_preplaced_weights_load_without_network(tmp_path):
+    reference = classify.build_classifier("resnet18", 7, pretrained=False, freeze_backbone=False)
+    # torchvision's resnet18 file holds the 1000-class ImageNet fc
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    state |= {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(state, cache / "resnet18-f37072fd.pth")
+    model = classify.build_classifier("resnet18", 7, pretrained=True, freeze_backbone=True)
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+
+
+# --- data, sampler, augmentation -------------------------------------------------------------
+
+def test_sampler_balances_labels_over_a_drawn_epoch():
+    counts = [700, 350, 140, 70, 35, 21, 14]  # the biggest class is 53 % of the data
+    targets = torch.repeat_interleave(torch.arange(7), torch.tensor(counts))
+    order = classify.balanced_order(targets, torch.Generator().manual_seed(0))
+    assert len(order) == len(targets)
+    shares = torch.bincount(targets[order], minlength=7) / len(order)
+    assert torch.all((shares - 1 / 7).abs() < 0.04), shares
+
+
+def test_val_rule_never_trains_on_held_out_images_or_their_offspring(tmp_path):
+    study = write_study(tmp_path, per_label_train=6, per_label_test=1, syn_per_source=2)
+    train = pd.read_csv(study["split_dir"] / "train.csv")
+    manifest = pd.read_csv(study["syn_dir"] / "manifest.csv")
+    for train_type in classify.TRAIN_TYPES:
+        items, val = classify.training_items(train, manifest, train_type, study["images_dir"], study["syn_dir"],
+                                             "val", 0.3, seed=42)
+        assert not set(items.md5hash) & set(val.md5hash)
+        assert (val.kind == "real").all() and len(val) == 7 * 2  # round(0.3 * 6) per label
+        assert val.label.value_counts().to_dict() == {label: 2 for label in LABELS}
+        expected = {"real": 28, "syn": 56, "real_syn": 84}[train_type]
+        assert len(items) == expected
+    items, val = classify.training_items(train, manifest, "real_syn", study["images_dir"], study["syn_dir"],
+                                         "last", 0.3, seed=42)
+    assert val is None and len(items) == 42 + 84
+
+
+def test_holdout_is_seeded_and_keeps_every_label_in_training():
+    rows = pd.DataFrame({"label": ["a"] * 10 + ["b"] * 2 + ["c"]})
+    held = classify.stratified_holdout(rows, 0.15, seed=1)
+    assert held.tolist() == classify.stratified_holdout(rows, 0.15, seed=1).tolist()
+    assert rows[held].label.value_counts().to_dict() == {"a": 2, "b": 1}  # c has one image: it stays
+
+
+def test_warp_matches_torchvision_transforms():
+    size, crop = 64, 56
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = torch.stack([128 + 100 * torch.sin(xx / 7), 128 + 100 * torch.cos(yy / 9), (xx + yy) * 1.0])[None]
+    angle = 10.0
+    ours = classify.warp(image, crop, torch.tensor([[5.0, 3.0, 50.0, 58.0]]),
+                         torch.tensor([math.radians(angle)]), torch.tensor([True]))
+    ref = TF.resized_crop(image, top=3, left=5, height=58, width=50, size=[size, size])
+    ref = TF.center_crop(TF.horizontal_flip(TF.rotate(ref, angle, TF.InterpolationMode.BILINEAR)), [crop, crop])
+    assert (ours - ref).abs().mean() < 0.5  # out of 255: equal up to interpolation at the corners
+
+
+def test_augment_draws_parameters_per_image_and_is_seeded():
+    images = torch.randint(0, 255, (1, 3, 36, 36), dtype=torch.uint8).repeat(6, 1, 1, 1)
+    a = classify.augment(images, 32, torch.Generator().manual_seed(3))
+    b = classify.augment(images, 32, torch.Generator().manual_seed(3))
+    assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
+    assert len({tuple(x.flatten()[:50].tolist()) for x in a}) == 6
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+def test_score_against_hand_computed_values():
+    labels = ["a", "b", "c", "d"]  # d never occurs: scikit-learn's zero_division=0 counts it as 0
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 2, 2]
+    m = classify.score(y_true, y_pred, labels, fitzpatrick_scale=[5, 5, 6, 6, 6, 5])
+    # a: p 2/2 r 2/3 f1 .8; b: p 1/2 r 1/2 f1 .5; c: p 1/2 r 1/1 f1 2/3; d: 0 0 0
+    assert m["accuracy_pct"] == pytest.approx(100 * 4 / 6)
+    assert m["precision_pct"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 4)
+    assert m["recall_pct"] == pytest.approx(100 * (2 / 3 + 0.5 + 1) / 4)
+    assert m["f1_pct"] == pytest.approx(100 * (0.8 + 0.5 + 2 / 3) / 4)
+    assert m["per_label"]["c"] == pytest.approx({"precision_pct": 50, "recall_pct": 100, "f1_pct": 200 / 3, "support": 1})
+    assert m["confusion_matrix"] == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert m["accuracy_pct_by_fitzpatrick_scale"] == pytest.approx({"5": 100, "6": 100 / 3})
+    assert m["n_test_by_fitzpatrick_scale"] == {"5": 3, "6": 3} and m["n_test"] == 6
+
+
+# --- whole runs ----------------------------------------------------------------------------
+
+def test_run_end_to_end_with_validation_selection(tmp_path):
+    study = write_study(tmp_path)
+    out = tmp_path / "metrics" / "resnet18_real_syn.json"
+    (record,) = classify.run(study["split_dir"], study["images_dir"], study["syn_dir"], {"test": out}, "resnet18",
+                             "real_syn", small_cfg(selection="val", val_fraction=0.25), seed=0)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert record["n_val"] == 7 and record["n_train"] == {"real": 21, "syn": 21, "total": 42}
+    assert record["selection"]["rule"] == "val" and record["selection"]["honest"]
+    assert [r["epoch"] for r in record["curve"]] == [1, 2] and all("val_loss" in r for r in record["curve"])
+    assert "test_loss" not in record["curve"][0]  # an honest rule never looks at the test set
+    best = min(record["curve"], key=lambda r: r["val_loss"])["epoch"]
+    assert record["chosen_epoch"] == best
+    assert sum(map(sum, record["confusion_matrix"])) == record["n_test"] == 14
+    assert set(record["accuracy_pct_by_fitzpatrick_scale"]) == {"5", "6"}
+    assert 0 <= record["accuracy_pct"] <= 100
+
+
+def test_cli_runs_the_reference_rule_and_labels_it(tmp_path):
+    study = write_study(tmp_path)
+    cfg = small_cfg(selection="test_reference", epochs=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    out = tmp_path / "m.json"
+    args = ["--params", str(params), "classify", str(study["split_dir"]), str(study["images_dir"]), str(out),
+            "--syn-dir", str(study["syn_dir"]), "--arch", "resnet18", "--train-type", "syn", "--seed", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["selection"]["rule"] == "test_reference" and not record["selection"]["honest"]
+    assert "TEST" in record["selection"]["label"] and "test_reference" in result.output
+    assert record["n_train"] == {"real": 0, "syn": 28, "total": 28}
+    assert all("test_loss" in r for r in record["curve"])
+    assert record["chosen_epoch"] == min(record["curve"], key=lambda r: r["test_loss"])["epoch"]
+    first = record["curve"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert json.loads(out.read_text())["curve"] == first  # seeded: a rerun trains the same model
+
+
+def test_one_training_run_scores_several_test_sets(tmp_path):
+    study = write_study(tmp_path)
+    test = pd.read_csv(study["split_dir"] / "test.csv")
+    test.head(4).to_csv(study["split_dir"] / "flex_dark.csv", index=False)
+    outputs = {"test": tmp_path / "m_test.json", "flex_dark": tmp_path / "m_flex_dark.json"}
+    first, second = classify.run(study["split_dir"], study["images_dir"], None, outputs, "resnet18", "real",
+                                 small_cfg(), seed=0)
+    assert (first["test_name"], second["test_name"]) == ("test", "flex_dark")
+    assert first["curve"] == second["curve"] and (first["n_test"], second["n_test"]) == (len(test), 4)
+    assert json.loads(outputs["flex_dark"].read_text())["n_test"] == 4
+
+
+def test_run_refuses_a_test_image_in_training(tmp_path):
+    study = write_study(tmp_path)
+    train = pd.read_csv(study["split_dir"] / "train.csv")
+    train.head(3).to_csv(study["split_dir"] / "flex_light.csv", index=False)
+    with pytest.raises(SkinaugError, match="in training"):
+        classify.run(study["split_dir"], study["images_dir"], None, {"flex_light": tmp_path / "m.json"},
+                     "resnet18", "real", small_cfg(), seed=0)

@@ -1,0 +1,179 @@
+"""The report: aggregation against hand-computed numbers, paper-layout tables with every cell
+filled, the reference rule kept apart, the headline JSON, and figures that render.
+
+Fixture metrics are copies of one real classifier record (so they share its schema) with
+accuracies set by hand. Std is the sample standard deviation (ddof=1), as pandas computes it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from test_classify import ROOT, small_cfg, write_study
+
+from skinaug import SkinaugError, atomic, classify, config, report
+from skinaug.cli import main
+
+SEEDS = (0, 42, 123)
+REAL_ACC = {0: 50.0, 42: 60.0, 123: 70.0}  # mean 60, sample std 10 (population std would be 8.16)
+GAIN = {0: 1.0, 42: 2.0, 123: 6.0}  # real+syn − real: mean 3, sample std sqrt(7)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    paths = write_study(root)
+    (template,) = classify.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], {"test": root / "one.json"},
+                               "resnet18", "real_syn", small_cfg(epochs=1), seed=0)
+    return {**paths, "template": template, "root": root}
+
+
+def record(template: dict, **changes) -> dict:
+    rec = copy.deepcopy(template)
+    rec.update(changes)
+    return rec
+
+
+def write_metrics(metrics_dir: Path, template: dict, scenario: int = 1, selection: str = "last",
+                  archs=classify.ARCHS) -> None:
+    """3 archs × 3 train types × 3 seeds; syn = real + 1, real+syn = real + GAIN; metric = accuracy − k."""
+    sel = {"rule": selection, "label": classify.SELECTION_LABELS[selection], "honest": selection != "test_reference"}
+    for seed in SEEDS:
+        for a, arch in enumerate(archs):
+            for train_type in classify.TRAIN_TYPES:
+                acc = REAL_ACC[seed] + a + {"real": 0.0, "syn": 1.0, "real_syn": GAIN[seed]}[train_type]
+                rec = record(template, scenario=scenario, seed=seed, arch=arch, train_type=train_type, selection=sel,
+                             accuracy_pct=acc, precision_pct=acc - 1, recall_pct=acc - 2, f1_pct=acc - 3,
+                             accuracy_pct_by_fitzpatrick_scale={"5": acc + 5, "6": acc - 5})
+                atomic.write_json(metrics_dir / f"scenario{scenario}" / f"seed{seed}" / f"{arch}_{train_type}.json", rec)
+
+
+def write_ablation(metrics_dir: Path, template: dict) -> None:
+    sel = {"rule": "last", "label": classify.SELECTION_LABELS["last"], "honest": True}
+    for i, strategy in enumerate(report.PAPER_ABLATION):
+        for test_name, acc in (("flex_light", 20.0 + i), ("flex_dark", 40.0 + 2 * i)):
+            rec = record(template, seed=0, arch="vgg16", train_type="syn", test_name=test_name, selection=sel,
+                         accuracy_pct=acc)
+            atomic.write_json(metrics_dir / "scenario1" / "ablation" / f"{strategy}_{test_name}.json", rec)
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """Every markdown table as rows of cells (header first, separator dropped)."""
+    found, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+@pytest.fixture(scope="module")
+def built(study, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("built")
+    metrics_dir = tmp_path / "metrics"
+    write_metrics(metrics_dir, study["template"])
+    write_metrics(metrics_dir, study["template"], scenario=2, selection="test_reference")
+    write_ablation(metrics_dir, study["template"])
+    out = tmp_path / "reports"
+    head = report.build_report(metrics_dir, out, small_cfg(), split_dir=study["split_dir"],
+                               images_dir=study["images_dir"], syn_dir=study["syn_dir"])
+    return {"out": out, "head": head, "metrics_dir": metrics_dir}
+
+
+def test_aggregation_matches_hand_computed_mean_and_sample_std(built):
+    summary = pd.read_csv(built["out"] / "summary.csv")
+    row = summary[(summary.scenario == 1) & (summary.arch == "vgg16") & (summary.train_type == "real")].iloc[0]
+    assert row.accuracy_pct_mean == pytest.approx(60.0) and row.accuracy_pct_std == pytest.approx(10.0)
+    assert row.f1_pct_mean == pytest.approx(57.0) and row.n_seeds == 3 and row.paper_accuracy_pct == 70.24
+    paired = pd.read_csv(built["out"] / "paired_difference.csv")
+    p = paired[(paired.scenario == 1) & (paired.arch == "resnet18")].iloc[0]
+    assert p.accuracy_pct_diff_mean == pytest.approx(3.0) and p.accuracy_pct_diff_std == pytest.approx(math.sqrt(7))
+    assert p.paper_accuracy_pct_diff == pytest.approx(71.36 - 68.45)
+    skin = pd.read_csv(built["out"] / "accuracy_by_skin_type.csv")
+    s = skin[(skin.scenario == 1) & (skin.arch == "vgg16") & (skin.train_type == "real")].set_index("group")
+    assert s.loc["FST 5", "accuracy_pct_mean"] == pytest.approx(65.0)
+    assert s.loc["FST 6", "accuracy_pct_std"] == pytest.approx(10.0)
+
+
+def test_report_renders_the_paper_tables_with_every_cell_filled(built):
+    text = (built["out"] / "results.md").read_text()
+    honest, leaky = text.split("# ⚠ Selected on the TEST set")
+    layout = tables(honest)[0]  # scenario 1, the Table 2 layout
+    assert layout[0][:4] == ["Model", "Accuracy real", "Accuracy syn", "Accuracy real+syn"] and len(layout[0]) == 13
+    assert [r[0] for r in layout[1:]] == ["VGG-16", "ResNet-18", "ViT-B-16"]
+    assert layout[1][1] == "60.00 ± 10.00" and layout[1][3] == "63.00 ± 12.53"  # 51, 62, 76
+    for table in tables(text):
+        for row in table:
+            assert all(c and c not in ("–", "nan") and "nan" not in c for c in row), row
+    beside = tables(honest)[1]
+    assert beside[0][1:3] == ["real paper (reported)", "real ours"] and beside[1][1:3] == ["70.24", "60.00 ± 10.00"]
+    assert "Table 2 layout" in honest and "Scenario 2" not in honest  # the leaky runs stay out of the honest part
+    assert "Scenario 2" in leaky and "REFERENCE RULE" in leaky
+    table5 = tables(text)[-1]
+    assert table5[1] == ["txt2img vanilla", "20.00", "40.00", "-20.00", "18.80", "21.22"]
+    assert [r[0] for r in table5[1:]] == list(report.STRATEGY_NAMES.values())
+    layout_csv = pd.read_csv(built["out"] / "table_scenario1.csv")
+    assert layout_csv.notna().all().all() and layout_csv.shape == (3, 13)
+    assert (built["out"] / "table_scenario2_test_reference.csv").exists()
+
+
+def test_headline_metrics_and_plot_data(built):
+    head = json.loads((built["out"] / "metrics.json").read_text())
+    assert head == built["head"]
+    assert head["scenario"] == 1 and head["selection"] == "last"
+    assert head["vgg16"]["real"] == {"accuracy_pct": 60.0, "f1_pct": 57.0}
+    assert head["vit_b_16"]["real_syn"]["accuracy_pct"] == pytest.approx(65.0)
+    plot = pd.read_csv(built["out"] / "plots" / "accuracy.csv")
+    assert len(plot) == 9 and list(plot.columns) == ["model", "accuracy_pct", "f1_pct"]
+
+
+def test_figures_render(built):
+    names = ["metrics_scenario1", "confusion_scenario1", "curves_scenario1", "metrics_scenario2_test_reference",
+             "confusion_scenario2_test_reference", "real_vs_synthetic"]
+    for name in names:
+        with Image.open(built["out"] / "figures" / f"{name}.png") as im:
+            assert im.format == "PNG" and min(im.size) > 200
+
+
+def test_cli_report(study, tmp_path):
+    write_metrics(tmp_path / "metrics", study["template"], archs=["vgg16"])
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    result = CliRunner().invoke(main, ["--params", str(params), "report", str(tmp_path / "metrics"),
+                                       str(tmp_path / "out"), "--split-dir", str(study["split_dir"])])
+    assert result.exit_code != 0 and "together" in result.output
+    result = CliRunner().invoke(main, ["--params", str(params), "report", str(tmp_path / "metrics"),
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "vgg16 real 60.00%" in result.output
+    assert (tmp_path / "out" / "results.md").exists() and not (tmp_path / "out" / "figures" / "real_vs_synthetic.png").exists()
+
+
+def test_one_seed_and_missing_runs_are_marked_not_blank(study, tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    write_ablation(metrics_dir, study["template"])
+    head = report.build_report(metrics_dir, tmp_path / "ablation_only", small_cfg())
+    assert head == {"scenario": 1, "selection": "last"}
+    rec = record(study["template"], arch="resnet18", train_type="real", accuracy_pct=12.5)
+    atomic.write_json(metrics_dir / "scenario1" / "seed0" / "resnet18_real.json", rec)
+    report.build_report(metrics_dir, tmp_path / "out", small_cfg())
+    layout = tables((tmp_path / "out" / "results.md").read_text())[0]
+    assert layout[1][:4] == ["ResNet-18", "12.50 (n=1)", "–", "–"]
+    atomic.write_json(metrics_dir / "scenario1" / "seed0" / "resnet18_syn.json", rec)
+    with pytest.raises(SkinaugError, match="resnet18 real"):
+        report.build_report(metrics_dir, tmp_path / "out", small_cfg())
+
+
+def test_no_metrics_is_a_clear_error(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    with pytest.raises(SkinaugError, match="no classifier metrics"):
+        report.build_report(tmp_path / "metrics", tmp_path / "out", config.load(ROOT / "params.yaml"))
