@@ -106,6 +106,8 @@ class GenerateConfig:
     out_size: int  # saved image side in pixels
     batch_size: int  # synthetic images per pipeline call; 0 = from free GPU memory
     strategy: str  # "img2img_ti_lora" (the method) or an ablation strategy
+    channels_last: bool  # channels_last memory format for UNet and VAE (GPU speed; same results)
+    compile: bool  # torch.compile the UNet (slow first batch; same results)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class ClassifyConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    strategies: list[str]  # generation strategies compared (SPEC §6)
+    strategies: list[str]  # generation strategies compared besides the method itself (SPEC §6)
     arch: str  # classifier trained on each strategy's synthetic images
     seed: int  # split seed the ablation runs on
 

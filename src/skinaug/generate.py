@@ -1,0 +1,363 @@
+"""Synthetic images (SPEC §4, §6): img2img from every training image, resumable, one manifest.
+
+    skinaug generate data/splits/scenario1/seed0 data/images models/base data/syn/scenario1/seed0 \\
+        --ti-dir models/ti/scenario1/seed0 --lora-dir models/lora/scenario1/seed0 --seed 0
+    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) generate ...   # the same run on 4 GPUs
+
+The plan (one row per synthetic image: source, target skin type, prompt, seed) is a pure
+function of (train.csv, params, seed, strategy). Each image is fixed by its row alone: its own
+CPU torch.Generator feeds both the VAE posterior sample and the img2img noise (diffusers draws
+generator[i] for batch element i), so batch size, process count and interruptions change it by
+floating-point noise at most. Batches are fixed chunks of the plan and process p makes batches
+p, p+n, p+2n..., so n processes compute exactly what one process computes. Images are written
+atomically, a rerun skips those already there, and process 0 writes manifest.csv last, after
+checking every planned file exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from skinaug import SkinaugError, atomic, diffusion, prompts
+from skinaug.config import Config
+
+
+class Strategy(NamedTuple):
+    img2img: bool  # start from the training image (else txt2img)
+    ti: bool  # prompts name the learned tokens (else the plain condition name)
+    lora: bool  # the UNet carries the fine-tuned LoRA
+
+
+STRATEGIES = {
+    "img2img_ti_lora": Strategy(True, True, True),  # the method
+    "img2img_ti": Strategy(True, True, False),
+    "img2img_lora": Strategy(True, False, True),  # a LoRA trained on plain condition names
+    "img2img_vanilla": Strategy(True, False, False),
+    "txt2img_ti": Strategy(False, True, False),
+    "txt2img_vanilla": Strategy(False, False, False),
+}
+
+PLAN_COLUMNS = ["file", "source_md5hash", "label", "fitzpatrick_scale", "source_fitzpatrick_scale", "prompt",
+                "seed", "strength", "guidance", "steps", "strategy"]
+MANIFEST_COLUMNS = PLAN_COLUMNS + ["base", "base_revision", "ti_sha256", "lora_sha256"]
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; per_label mode: one folder per token name
+STATE_FILE = ".plan.json"  # fingerprint of the run the images in out_dir/images belong to
+CPU_BATCH = 8  # batch_size 0 on CPU: larger batches buy nothing there
+MAX_BATCH = 64  # cap of the automatic GPU batch size
+# Automatic GPU batch: an estimate (not measured) of the memory one more image in a call needs at
+# 512 px in half precision with SDPA: the UNet runs two latents per image (guidance); the VAE
+# decodes one image at a time (slicing). Scales with pixels; doubled in fp32.
+GIB_PER_IMAGE_512 = 0.75
+
+
+def strategy_of(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise SkinaugError(f"unknown generation strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def image_seed(seed: int, md5hash: str, k: int) -> int:
+    """Seed of one synthetic image: a stable 63-bit hash of (split seed, source, index)."""
+    digest = hashlib.sha256(f"{seed}:{md5hash}:{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str) -> pd.DataFrame:
+    """One row per synthetic image, in train.csv order then k (pure: same inputs, same plan).
+
+    Target skin type: a light source gets one of splits.dark, drawn by numpy default_rng(seed) in
+    (source row, k) order; any other source keeps its own.
+    """
+    s, g = strategy_of(strategy), cfg.generate
+    train = _read_train(train_csv)
+    draws = np.random.default_rng(seed).choice(cfg.splits.dark, size=(len(train), g.per_source))
+    rows = []
+    for i, src in enumerate(train.itertuples(index=False)):
+        own = int(src.fitzpatrick_scale)
+        for k in range(g.per_source):
+            fst = int(draws[i, k]) if own in cfg.splits.light else own
+            rows.append([f"images/{src.md5hash}_{k}.png", src.md5hash, src.label, fst, own,
+                         prompts.skin_prompt(src.label, fst, use_tokens=s.ti), image_seed(seed, src.md5hash, k),
+                         g.strength if s.img2img else None, g.guidance, g.steps, strategy])
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+
+
+def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, cfg: Config, seed: int,
+             ti_dir: Path | None = None, lora_dir: Path | None = None, strategy: str = "img2img_ti_lora",
+             state=None) -> pd.DataFrame:
+    """Write out_dir/images/{md5hash}_{k}.png and out_dir/manifest.csv; returns the manifest.
+
+    Everything is checked before out_dir is touched. `state` (default: accelerate's PartialState)
+    gives process_index, num_processes, is_main_process and wait_for_everyone().
+    """
+    start = time.perf_counter()
+    s = strategy_of(strategy)
+    for needed, given, option in ((s.ti, ti_dir, "--ti-dir"), (s.lora, lora_dir, "--lora-dir")):
+        if needed and given is None:
+            raise SkinaugError(f"strategy {strategy} needs {option}")
+    plan = make_plan(train_csv, cfg, seed, strategy)
+    tokens = _token_files(Path(ti_dir), plan) if s.ti else {}
+    loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan) if s.lora else {}
+    if s.img2img:
+        _check_sources(plan, Path(images_dir))
+    device = diffusion.pick_device(cfg.model)
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=device.type == "cpu")  # cpu: gloo between CPU processes under a launcher
+    if device.type == "cuda" and state.num_processes > 1:
+        device = torch.device("cuda", state.local_process_index)
+    dtype = diffusion.weight_dtype(cfg.model, device)
+    pipe = load_pipeline(base_dir, s, tokens, loras, cfg, device, dtype)
+    info = diffusion.base_info(base_dir)
+    manifest = plan.assign(base=info["base"], base_revision=info["revision"],
+                           ti_sha256=_sha256(list(tokens.values()), ti_dir),
+                           lora_sha256=_sha256(list(loras.values()), lora_dir))
+
+    out_dir = Path(out_dir)
+    fingerprint = {"manifest": hashlib.sha256(manifest.to_csv(index=False).encode()).hexdigest(),
+                   "resolution": cfg.model.resolution, "out_size": cfg.generate.out_size, "dtype": str(dtype)}
+    missing = _prepare(out_dir, manifest, fingerprint, cfg.generate.out_size) if state.is_main_process else 0
+    state.wait_for_everyone()
+
+    size = batch_size(cfg, device, dtype)
+    if cfg.generate.batch_size == 0 and device.type == "cuda" and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        size = min(gather_object([size]))  # equal batches on every process (see the module docstring)
+    per_label = s.lora and cfg.lora.mode == "per_label"
+    mine = _batches(plan, size, per_label)[state.process_index::state.num_processes]
+    todo = [b for b in ([r for r in batch if not (out_dir / r["file"]).exists()] for batch in mine) if b]
+    _run(pipe, s, todo, Path(images_dir) if s.img2img else None, out_dir, cfg, per_label, state.is_main_process)
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        absent = [f for f in manifest.file if not (out_dir / f).exists()]
+        if absent:
+            raise SkinaugError(f"{len(absent)} planned images missing, first {out_dir / absent[0]}; rerun to finish")
+        atomic.write_csv(out_dir / "manifest.csv", manifest)
+        elapsed = time.perf_counter() - start
+        print(f"generate: {len(manifest)} images ({missing} new) in {elapsed:.1f} s, "
+              f"{missing / elapsed:.2f} images/s -> {out_dir}")
+    return manifest
+
+
+def load_pipeline(base_dir: Path, s: Strategy, tokens: dict[str, Path], loras: dict[str, Path], cfg: Config,
+                  device: torch.device, dtype: torch.dtype = torch.float32):
+    """The base model's img2img (or txt2img) pipeline with its own scheduler and the adapters loaded."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    c = diffusion.load_components(base_dir, device, dtype)
+    cls = StableDiffusionImg2ImgPipeline if s.img2img else StableDiffusionPipeline
+    pipe = cls.from_pretrained(  # reads only the scheduler: the base model's own (PNDM for SD 2.1 base)
+        base_dir, tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae, unet=c.unet,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.enable_slicing()  # decode image by image: memory flat in batch size, same result
+    where = ""
+    try:
+        if tokens:
+            where = str(next(iter(tokens.values())).parent)
+            pipe.load_textual_inversion([str(f) for f in tokens.values()], token=list(tokens))
+        for name, file in loras.items():
+            where = str(file)
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SkinaugError(f"cannot load adapters from {where}: {e}") from None
+    if cfg.generate.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if cfg.generate.compile:
+        pipe.unet.compile()  # in place: the pipeline keeps its UNet2DConditionModel
+    return pipe
+
+
+def batch_size(cfg: Config, device: torch.device, dtype: torch.dtype) -> int:
+    """generate.batch_size; when 0, CPU_BATCH on CPU and on GPU as many as free memory holds (capped)."""
+    if cfg.generate.batch_size > 0:
+        return cfg.generate.batch_size
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    per_image = GIB_PER_IMAGE_512 * 2**30 * (cfg.model.resolution / 512) ** 2 * (2 if dtype == torch.float32 else 1)
+    return int(max(1, min(MAX_BATCH, 0.9 * free // per_image)))
+
+
+def _run(pipe, s: Strategy, todo: list[list[dict]], images_dir: Path | None, out_dir: Path, cfg: Config,
+         per_label: bool, show: bool) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=sum(map(len, todo)), unit="img", desc="generate", disable=not show) as bar:
+        for rows in todo:
+            if per_label:
+                pipe.set_adapters([_adapter_name(rows[0]["label"])])
+            for row, image in zip(rows, synthesize(pipe, s, rows, images_dir, cfg), strict=True):
+                _save_png(out_dir / row["file"], image, cfg.generate.out_size)
+            bar.update(len(rows))
+
+
+def synthesize(pipe, s: Strategy, rows: list[dict], images_dir: Path | None, cfg: Config) -> list[Image.Image]:
+    """One pipeline call for a batch of plan rows: element i gets row i's source, prompt and seed."""
+    g, res = cfg.generate, cfg.model.resolution
+    kwargs = {
+        "prompt": [r["prompt"] for r in rows],
+        "generator": [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows],
+        "num_images_per_prompt": 1,  # sources are repeated here: diffusers would tile them against the prompts
+        "num_inference_steps": g.steps, "guidance_scale": g.guidance, "output_type": "pil",
+    }
+    if s.img2img:
+        sources = {h: _source(images_dir / f"{h}.jpg", res) for h in dict.fromkeys(r["source_md5hash"] for r in rows)}
+        kwargs.update(image=[sources[r["source_md5hash"]] for r in rows], strength=g.strength)
+    else:
+        kwargs.update(height=res, width=res)
+    return pipe(**kwargs).images
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def _read_train(train_csv: Path) -> pd.DataFrame:
+    try:
+        train = pd.read_csv(train_csv, dtype={"md5hash": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise SkinaugError(f"cannot read {train_csv}: {e}") from None
+    absent = [c for c in ("md5hash", "label", "fitzpatrick_scale") if c not in train.columns]
+    if absent:
+        raise SkinaugError(f"{train_csv} lacks column(s) {', '.join(absent)}")
+    if train.empty:
+        raise SkinaugError(f"{train_csv} has no rows")
+    if train.md5hash.duplicated().any():
+        raise SkinaugError(f"{train_csv} lists md5hash {train.md5hash[train.md5hash.duplicated()].iloc[0]} twice")
+    unknown = sorted(set(train.label) - set(prompts.TOKENS))
+    if unknown:
+        raise SkinaugError(f"{train_csv}: label(s) without a token in prompts.TOKENS: {', '.join(unknown)}")
+    odd = sorted(set(train.fitzpatrick_scale) - set(prompts.TONES))
+    if odd:
+        raise SkinaugError(f"{train_csv}: fitzpatrick_scale value(s) without a tone in prompts.TONES: {odd}")
+    return train
+
+
+def _check_sources(plan: pd.DataFrame, images_dir: Path) -> None:
+    paths = [images_dir / f"{h}.jpg" for h in plan.source_md5hash.unique()]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise SkinaugError(f"{len(absent)} of {len(paths)} training images missing, first {absent[0]}")
+    for path in paths:
+        _source(path, None)
+
+
+def _source(path: Path, resolution: int | None) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for damaged files
+        raise SkinaugError(f"cannot read training image {path}: {type(e).__name__}: {e}") from None
+    return rgb if resolution is None else rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def _adapter_name(label: str) -> str:
+    return prompts.token(label).strip("<>")
+
+
+def _token_files(ti_dir: Path, plan: pd.DataFrame) -> dict[str, Path]:
+    """token -> its file, for the labels in the plan (a file holds {token: vector}, else is named after it)."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in sorted(ti_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+            raise SkinaugError(f"cannot read token file {path}: {e}") from None
+        found[keys[0] if len(keys) == 1 and keys[0].startswith("<") else f"<{path.stem}>"] = path
+    needed = sorted({prompts.token(label) for label in plan.label})
+    absent = [t for t in needed if t not in found]
+    if absent:
+        raise SkinaugError(f"{ti_dir} has no token file for {', '.join(absent)}")
+    return {t: found[t] for t in needed}
+
+
+def _lora_files(lora_dir: Path, mode: str, plan: pd.DataFrame) -> dict[str, Path]:
+    """adapter name -> weights file: 'joint', or one per label (folder = token name) in per_label mode."""
+    if mode == "joint":
+        files = {"joint": lora_dir / LORA_FILE}
+    else:
+        files = {_adapter_name(label): lora_dir / _adapter_name(label) / LORA_FILE for label in sorted(set(plan.label))}
+    absent = [f for f in files.values() if not f.is_file()]
+    if absent:
+        raise SkinaugError(f"LoRA weights not found: {absent[0]} (lora.mode is {mode})")
+    return files
+
+
+def _sha256(files: list[Path], root: Path | None) -> str:
+    """sha256 of the one adapter file, or of a `sha256sum`-style listing (paths from root) of several; '' for none."""
+    digests = [(hashlib.sha256(f.read_bytes()).hexdigest(), f.relative_to(root).as_posix()) for f in sorted(files)]
+    if len(digests) <= 1:
+        return digests[0][0] if digests else ""
+    listing = "".join(f"{d}  {name}\n" for d, name in digests)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def _prepare(out_dir: Path, manifest: pd.DataFrame, fingerprint: dict, out_size: int) -> int:
+    """Make out_dir hold only readable images of this plan; return how many are still to make."""
+    images, state = out_dir / "images", out_dir / STATE_FILE
+    if images.exists() and _read_state(state) != fingerprint:
+        print(f"generate: {images} holds images of other settings; starting over")
+        shutil.rmtree(images)
+    (out_dir / "manifest.csv").unlink(missing_ok=True)
+    images.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(state, fingerprint)
+    planned = {out_dir / f for f in manifest.file}
+    for path in images.iterdir():  # leftovers of a killed write, or files of no plan row
+        if path not in planned:
+            path.unlink()
+    return sum(not _readable(p, out_size) for p in planned)
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _readable(path: Path, size: int) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with Image.open(path) as im:
+            ok = im.size == (size, size)
+            im.verify()
+    except Exception:  # noqa: BLE001 - any decoding failure: remake the image
+        ok = False
+    if not ok:
+        path.unlink()
+    return ok
+
+
+def _save_png(path: Path, image: Image.Image, size: int) -> None:
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    with atomic.atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _batches(plan: pd.DataFrame, size: int, per_label: bool) -> list[list[dict]]:
+    """Fixed chunks of the plan, within one label when each label has its own LoRA."""
+    groups: dict = {}
+    for row in plan.to_dict("records"):
+        groups.setdefault(row["label"] if per_label else None, []).append(row)
+    return [rows[i:i + size] for rows in groups.values() for i in range(0, len(rows), size)]
