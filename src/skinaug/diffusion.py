@@ -65,8 +65,13 @@ def prepare_base(model: ModelConfig, out_dir: Path) -> Path:
     if model.base == "tiny":
         from skinaug import tinymodel
 
-        tinymodel.build(tmp, seed=model.seed, resolution=model.resolution)
-        info = {"base": "tiny", "revision": None, "seed": model.seed}
+        if model.tiny_vae_steps or model.tiny_unet_steps:
+            tinymodel.pretrain(tmp, model.seed, model.resolution, model.tiny_corpus,
+                               model.tiny_vae_steps, model.tiny_unet_steps)
+        else:
+            tinymodel.build(tmp, seed=model.seed, resolution=model.resolution)
+        info = {"base": "tiny", "revision": None, "seed": model.seed, "corpus": model.tiny_corpus,
+                "vae_steps": model.tiny_vae_steps, "unet_steps": model.tiny_unet_steps}
     elif Path(model.base).is_dir():
         _check_folder(Path(model.base))
         shutil.copytree(model.base, tmp, copy_function=_link_or_copy)
@@ -184,13 +189,49 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
     The target follows the base model's prediction_type (epsilon for SD 2.1 base).
     Noise and timesteps are drawn from `generator` so a run is reproducible.
     """
+    noise, timesteps = sample_noise(noise_scheduler, latents, generator)
+    return denoising_losses(unet, noise_scheduler, latents, encoder_hidden_states, noise, timesteps).mean()
+
+
+def sample_noise(noise_scheduler, latents: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random part of the objective: Gaussian noise, then one timestep per sample (in that order)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=latents.device).long()
+    return noise, timesteps
+
+
+def denoising_losses(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE of the denoising objective for given noise and timesteps (shape [batch]).
+
+    Its mean is `denoising_loss`; textual inversion sums per-token means of it, so that
+    several tokens share one forward pass yet each gets the gradient of a run of its own.
+    """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states.to(unet.dtype)).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def latent_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels in [-1, 1] -> mean and std of the VAE posterior (unscaled), for caching."""
+    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def sample_latents(vae, mean: torch.Tensor, std: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents drawn from cached posterior moments: the same draw as `encode_images`.
+
+    DiagonalGaussianDistribution.sample is mean + std * randn_tensor(generator), so
+    sampling from moments cached once per image equals encoding the image again.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * vae.config.scaling_factor

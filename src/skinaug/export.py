@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinaug import SkinaugError, diffusion, prompts
+from skinaug import SkinaugError, data, diffusion, prompts
 from skinaug.config import GenerateConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name for load_lora_weights
@@ -95,7 +95,7 @@ def lora_files(lora_dir: Path, seed: int, scenario: int) -> dict[str, Path]:
 
 
 def split_summary(train_csv: Path) -> dict:
-    df = pd.read_csv(train_csv)
+    df = data.read_table(train_csv)
     counts = pd.crosstab(df["label"], df["fitzpatrick_scale"], margins=True, margins_name="total")
     counts.columns = [f"FST {c}" if c != "total" else c for c in counts.columns]
     return {"path": str(train_csv), "size": len(df), "sha256": sha256(train_csv), "counts": counts}

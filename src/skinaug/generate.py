@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, diffusion, prompts
+from skinaug import SkinaugError, atomic, data, diffusion, prompts
 from skinaug.config import Config
 
 
@@ -173,7 +173,7 @@ def load_pipeline(base_dir: Path, s: Strategy, tokens: dict[str, Path], loras: d
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SkinaugError(f"cannot load adapters from {where}: {e}") from None
-    if cfg.generate.channels_last:
+    if cfg.model.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if cfg.generate.compile:
@@ -227,7 +227,7 @@ def synthesize(pipe, s: Strategy, rows: list[dict], images_dir: Path | None, cfg
 
 def _read_train(train_csv: Path) -> pd.DataFrame:
     try:
-        train = pd.read_csv(train_csv, dtype={"md5hash": str})
+        train = data.read_table(train_csv)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise SkinaugError(f"cannot read {train_csv}: {e}") from None
     absent = [c for c in ("md5hash", "label", "fitzpatrick_scale") if c not in train.columns]

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from skinaug import SkinaugError, atomic
+from skinaug import SkinaugError, atomic, data
 from skinaug.classify import ARCHS, SELECTION_LABELS, TRAIN_TYPES
 from skinaug.config import Config
 
@@ -341,8 +341,8 @@ def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[
                  per_source: int = 5) -> None:
     """The paper's Fig. 2: per label, one real training image (the lightest skin type available)
     beside its synthetic versions."""
-    train = pd.read_csv(Path(split_dir) / "train.csv")
-    manifest = pd.read_csv(Path(syn_dir) / "manifest.csv")
+    train = data.read_table(Path(split_dir) / "train.csv")
+    manifest = data.read_table(Path(syn_dir) / "manifest.csv")
     chosen = []
     for label in labels:
         rows = train[(train.label == label) & train.md5hash.isin(manifest.source_md5hash)]

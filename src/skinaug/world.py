@@ -414,3 +414,74 @@ def _smooth_noise(rng, n, size, cells):
     f = f * f * (3 - 2 * f)
     rows = grid[:, i, :] * (1 - f)[None, :, None] + grid[:, i + 1, :] * f[None, :, None]
     return (rows[:, :, i] * (1 - f) + rows[:, :, i + 1] * f) * 1.4
+
+
+# --- the "web": generic marks on every skin type --------------------------------------
+# Stable Diffusion learned from the web what skin of every tone looks like; the tiny demo
+# model learns it from this corpus instead. Its marks are generic (moles, rashes, scars,
+# freckles, bruises), none of the seven study conditions' patterns, and its captions use
+# the prompts' own skin-type wording.
+
+
+def _mole(u, v, rng, n):
+    d, phi = _polar(u, v)
+    r = _uniform(rng, n, 0.08, 0.2) * _wobble(phi, rng, n, 0.08)
+    return {"pigment": 0.95 * _disc(d, r, 0.02), "height": 0.5 * _dome(d, r)}
+
+
+def _rash(u, v, rng, n):
+    d, phi = _polar(u, v)
+    patch = _disc(d, _uniform(rng, n, 0.4, 0.7) * _wobble(phi, rng, n, 0.15), 0.15)
+    blotch = (0.5 + 0.5 * _smooth_noise(rng, n, u.shape[-1], 6)).clip(0, 1)
+    return {"erythema": 0.8 * patch * blotch}
+
+
+def _scar(u, v, rng, n):
+    bend = _uniform(rng, n, -0.6, 0.6)
+    line = _disc(np.abs(v - bend * u ** 2), _uniform(rng, n, 0.02, 0.05), 0.015) * _disc(np.abs(u), 0.6, 0.05)
+    return {"scale": 0.5 * line, "erythema": 0.3 * line}
+
+
+def _freckles(u, v, rng, n):
+    dots = np.zeros_like(u)
+    for x0, y0, on in _scatter(rng, n, 25, 10, 0.8):
+        d, _ = _polar(u - x0, v - y0)
+        dots = _union(dots, on * _disc(d, _uniform(rng, n, 0.02, 0.04), 0.015))
+    return {"pigment": 0.6 * dots}
+
+
+def _bruise(u, v, rng, n):
+    d, phi = _polar(u, v)
+    patch = _disc(d, _uniform(rng, n, 0.25, 0.45) * _wobble(phi, rng, n, 0.2), 0.2)
+    return {"violet": 0.9 * patch, "pigment": 0.3 * patch}
+
+
+GENERIC_MARKS = {"mole": _mole, "rash": _rash, "scar": _scar, "freckles": _freckles, "bruise": _bruise}
+
+
+def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """n captioned photos of generic marks on skin types 1-6 (uniform): (uint8 (n,S,S,3), fsts, captions)."""
+    from skinaug import prompts
+
+    rng = np.random.default_rng(seed)
+    fsts = rng.integers(1, 7, n)
+    marks = rng.choice(sorted(GENERIC_MARKS), n)
+    pixels = np.empty((n, size, size, 3), np.uint8)
+    for mark in sorted(GENERIC_MARKS):
+        rows = np.flatnonzero(marks == mark)
+        if not len(rows):
+            continue
+        skin = draw_skin(fsts[rows], rng, size)
+        u, v = _lesion_frame(rng, len(rows), size)
+        layers = GENERIC_MARKS[mark](u, v, rng, len(rows))
+        img = skin
+        for name, (kind, rgb) in lesion_colours(fsts[rows], rng).items():
+            if name in layers:
+                alpha = layers[name][..., None].clip(0, 1)
+                top = img * rgb[:, None, None, :] if kind == "rel" else rgb[:, None, None, :]
+                img = img * (1 - alpha) + top * alpha
+        pixels[rows] = photograph(img, layers.get("height", np.zeros(u.shape, np.float32)), rng)
+    article = {"freckles": "", "bruise": "a ", "mole": "a ", "rash": "a ", "scar": "a "}
+    captions = [prompts.LORA_TEMPLATE.format(condition=article[m] + m, tone=prompts.TONES[int(f)])
+                for m, f in zip(marks, fsts)]
+    return pixels, fsts, captions

@@ -1,0 +1,610 @@
+"""Textual Inversion, then LoRA: the two fine-tuning stages of the generator (SPEC §3).
+
+    skinaug textual_inversion data/splits/seed0 data/world/images models/base models/seed0/ti --seed 0
+    skinaug lora data/splits/seed0 data/world/images models/base models/seed0/lora --ti-dir models/seed0/ti --seed 0
+
+Outputs (renamed into place only when complete; stock diffusers loaders read them):
+    ti/<bas-class>.safetensors ... one {token: [1, hidden]} file per label -> pipe.load_textual_inversion
+    ti/ti.json                     settings, steps and final loss per token
+    lora/pytorch_lora_weights.safetensors          (mode joint)     -> pipe.load_lora_weights(lora)
+    lora/<bas-class>/pytorch_lora_weights.safetensors (mode per_label, one folder per label)
+    lora/lora.json                 settings, files and final loss
+
+Demo profile (tiny model, 1,519 images, 60 steps each, 2 CPU cores): about 20 s per stage.
+
+Randomness is counter-based: every draw of step s of job j (a token, or a LoRA) comes from
+generators seeded by (seed, phase, j, s). So the seven tokens can share one batch and still
+get exactly the samples, noise and updates of seven separate runs, and a run resumed from a
+checkpoint needs only the step number to continue as if never stopped.
+
+Speed: VAE posteriors are computed on first use and kept whenever the augmentation leaves
+the pixels fixed: for textual inversion (resize only) per image and flip state; for LoRA
+(resize + random crop) for square images only, where the crop is a no-op (other images are
+cropped and encoded every step). Sampling the latent from kept mean and std is the very draw
+`vae.encode(...).latent_dist.sample()` makes, so this changes nothing but the time. LoRA
+encodes each distinct prompt once (the text encoder is frozen). Attention uses PyTorch SDPA
+(diffusers' default processor); channels_last is an option on GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from skinaug import SkinaugError, data, diffusion, prompts
+from skinaug.config import Config, ModelConfig
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
+_ENCODE_BATCH = 16  # images per VAE call when caching posteriors
+_LOSS_WINDOW = 10  # final loss = mean over the last this-many steps (one step's loss is noisy)
+_TI, _LORA = 0, 1  # phase keys of the counter-based seeds
+
+
+# --- textual inversion -------------------------------------------------------------------
+
+
+def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, cfg: Config,
+                            seed: int, *, labels: list[str] | None = None, checkpoint_every: int | None = None,
+                            on_step=None) -> dict:
+    """Learn one token per label, all in one job; each token's updates are those of a run of its own.
+
+    `labels` trains a subset (the tests compare one token alone with the joint run);
+    `on_step(step, losses, text_encoder)` is called after every optimiser update.
+    """
+    ti = cfg.textual_inversion
+    labels = list(cfg.subset.labels if labels is None else labels)
+    rows = _read_train(train_csv, images_dir, cfg.subset.labels, labels, need_every_label=True)
+    accelerator, dtype = _accelerator(cfg.model)
+    device = accelerator.device
+    comps = diffusion.load_components(base_dir)
+    token_ids = _add_tokens(comps, [prompts.token(label) for label in labels], ti.init_token)
+    comps.text_encoder.to(device)  # stays fp32: the trainable rows live in it
+    _place(comps.unet, comps.vae, device=device, dtype=dtype, model=cfg.model)
+    size = (cfg.model.resolution, cfg.model.resolution)  # bicubic resize to a square, no crop (the reference's)
+    images = [[_open_image(p).resize(size, Image.BICUBIC) for p in rows.path[rows.label == label]]
+              for label in labels]  # decoded up front: a broken image fails before anything is written
+    posteriors = [_Posteriors(comps.vae, lambda key, im=im: _flipped(im[key[0]], key[1])) for im in images]
+    samplers = [_Shuffled(len(im), (seed, _TI, _key(cfg, label))) for label, im in zip(labels, images)]
+
+    embeddings = comps.text_encoder.get_input_embeddings()
+    embeddings.weight.requires_grad_(True)
+    original = embeddings.weight.detach().clone()
+    keep = torch.ones(len(original), dtype=torch.bool, device=device)
+    keep[token_ids] = False
+    lr = ti.lr * ti.batch_size * ti.grad_accum if ti.scale_lr else ti.lr
+    optimizer = torch.optim.AdamW(embeddings.parameters(), lr=lr, weight_decay=ti.weight_decay)
+    text_encoder, optimizer = accelerator.prepare(comps.text_encoder, optimizer)
+
+    work = _Work(out_dir, _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels))
+    state = work.open()
+    start, history = (state["step"], state["history"]) if state else (0, [])
+    if state:
+        embeddings.weight.data[token_ids] = state["rows"].to(device)
+        optimizer.load_state_dict(state["optimizer"])
+    every = checkpoint_every or ti.checkpoint_every
+    per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
+    passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
+    started = time.time()
+    bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step")
+    for step in range(start, ti.steps):
+        step_losses = torch.zeros(len(labels))
+        for micro, group in itertools.product(range(ti.grad_accum), passes):
+            draws = [_ti_draws(comps, posteriors[k], samplers[k], labels[k], (seed, _TI, _key(cfg, labels[k])),
+                               step * ti.grad_accum + micro, ti, device) for k in group]
+            latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
+            context = diffusion.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
+            losses = diffusion.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise, timesteps)
+            per_token = losses.view(len(group), ti.batch_size).mean(1)  # a sum of per-token means, not one mean
+            accelerator.backward(per_token.sum() / ti.grad_accum)
+            step_losses[group] += per_token.detach().float().cpu() / ti.grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # only the new rows learn; weight decay touched every row
+            embeddings.weight[keep] = original[keep]
+        history.append(step_losses.tolist())
+        bar.update()
+        bar.set_postfix(loss=f"{step_losses.mean():.4f}")
+        if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
+            work.save({"step": step + 1, "history": history, "rows": embeddings.weight.detach()[token_ids].cpu(),
+                       "optimizer": optimizer.state_dict()})
+        if on_step is not None:
+            on_step(step + 1, dict(zip(labels, step_losses.tolist())), comps.text_encoder)
+    bar.close()
+
+    from safetensors.torch import save_file
+
+    learned = embeddings.weight.detach()[token_ids].float().cpu()
+    final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
+    summary = {
+        "stage": "textual_inversion", "seed": seed, "base": diffusion.base_info(base_dir),
+        "steps": ti.steps, "lr": lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
+        "final_loss_window": _LOSS_WINDOW,
+        "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
+        "settings": dataclasses.asdict(ti), "seconds": round(time.time() - started, 1),
+        "tokens": {},
+    }
+    for i, label in enumerate(labels):
+        token = prompts.token(label)
+        save_file({token: learned[i : i + 1].contiguous()}, work.path / _token_file(token))
+        summary["tokens"][label] = {"token": token, "file": _token_file(token), "images": len(images[i]),
+                                    "final_loss": float(final[i])}
+    (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
+    work.finish()
+    print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
+          f"{summary['seconds']:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
+    return summary
+
+
+def _ti_draws(comps, posteriors, sampler, label, key, micro_step, ti, device):
+    """One token's share of a batch: its images (flipped or not), prompts, latents, noise, timesteps."""
+    host, dev = _generators((*key, micro_step), device)
+    index = sampler.take(micro_step * ti.batch_size, ti.batch_size).tolist()
+    flip = (torch.rand(ti.batch_size, generator=host) < ti.flip_p).tolist()
+    templates = torch.randint(len(prompts.TI_TEMPLATES), (ti.batch_size,), generator=host).tolist()
+    latents = diffusion.sample_latents(comps.vae, *posteriors.get(list(zip(index, flip))), dev)
+    noise, timesteps = diffusion.sample_noise(comps.noise_scheduler, latents, dev)
+    return latents, noise, timesteps, [prompts.ti_prompt(label, t) for t in templates]
+
+
+def _add_tokens(comps, tokens: list[str], init_token: str) -> list[int]:
+    """Add the new tokens to tokenizer and text encoder, each row a copy of init_token's."""
+    init_ids = comps.tokenizer.encode(init_token, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise SkinaugError(f"textual_inversion.init_token {init_token!r} is {len(init_ids)} tokens; it must be one")
+    if comps.tokenizer.add_tokens(tokens) != len(tokens):
+        raise SkinaugError(f"the base model's tokenizer already holds one of {', '.join(tokens)}")
+    comps.text_encoder.resize_token_embeddings(len(comps.tokenizer), mean_resizing=False)
+    ids = comps.tokenizer.convert_tokens_to_ids(tokens)
+    weight = comps.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids] = weight[init_ids[0]].clone()
+    return ids
+
+
+def token_files(ti_dir: Path, labels: list[str]) -> tuple[list[Path], list[str]]:
+    """The learned token files of `labels` in ti_dir, and their tokens (for pipe.load_textual_inversion)."""
+    tokens = [prompts.token(label) for label in labels]
+    files = [Path(ti_dir) / _token_file(token) for token in tokens]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SkinaugError(f"{len(missing)} learned token file(s) missing (first: {missing[0]}); "
+                           "run `skinaug textual_inversion` first")
+    return files, tokens
+
+
+def _token_name(token: str) -> str:
+    """'<bas-class>' -> 'bas-class': the token's file and folder name."""
+    return token.strip("<>")
+
+
+def _token_file(token: str) -> str:
+    return _token_name(token) + ".safetensors"
+
+
+# --- LoRA ----------------------------------------------------------------------------------
+
+
+def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path | None, out_dir: Path, cfg: Config,
+               seed: int, *, checkpoint_every: int | None = None, on_step=None) -> dict:
+    """Fine-tune the UNet with LoRA (text encoder frozen): one joint LoRA, or one per label.
+
+    Prompts name the learned tokens from ti_dir; without ti_dir (or with lora.use_tokens
+    false) they name the condition in plain words (the ablation's "img2img LoRA").
+    """
+    lo = cfg.lora
+    labels = list(cfg.subset.labels)
+    rows = _read_train(train_csv, images_dir, labels, labels, need_every_label=lo.mode == "per_label")
+    use_tokens = ti_dir is not None and lo.use_tokens
+    accelerator, dtype = _accelerator(cfg.model)
+    device = accelerator.device
+    comps = diffusion.load_components(base_dir)
+    if use_tokens:
+        _load_tokens(comps, ti_dir, labels)
+    _place(comps.unet, comps.vae, comps.text_encoder, device=device, dtype=dtype, model=cfg.model)
+    context, prompt_of_row = _prompt_cache(comps, [prompts.skin_prompt(label, fst, use_tokens)
+                                                   for label, fst in zip(rows.label, rows.fitzpatrick_scale)])
+    images = _CroppedImages(comps.vae, rows.path, cfg.model.resolution)
+    run = _LoraRun(accelerator, accelerator.prepare(comps.unet), comps.noise_scheduler, images, context, prompt_of_row,
+                   lo, dtype)
+    if lo.mode == "joint":
+        jobs = [(None, np.arange(len(rows)))]
+    else:
+        jobs = [(label, np.flatnonzero(rows.label.to_numpy() == label)) for label in labels]
+
+    work = _Work(out_dir, _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
+                                       ti=sorted(_sha256(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
+                                       else None))
+    state = work.open() or {"job": 0, "done": {}}
+    every = checkpoint_every or lo.checkpoint_every
+    started = time.time()
+    bar = tqdm(total=lo.steps * len(jobs), initial=lo.steps * state["job"] + state.get("step", 0), desc="lora",
+               unit="step")
+    for j, (label, members) in enumerate(jobs):
+        if j < state["job"]:
+            continue
+        name = "joint" if label is None else label
+        sampler = (_Shuffled(len(members), (seed, _LORA, j)) if label is None
+                   else _Balanced(rows.fitzpatrick_scale.to_numpy()[members]))
+
+        def checkpoint(step, history, optimizer, params, j=j):
+            if every > 0 and step % every == 0 and step < lo.steps:
+                work.save({"job": j, "done": state["done"], "step": step, "history": history,
+                           "optimizer": optimizer.state_dict(),
+                           "lora": {n: p.detach().cpu() for n, p in params.items()}})
+
+        history = _lora_job(run, members, sampler, (seed, _LORA, j), state if state.get("step") else None,
+                            checkpoint, bar, on_step)
+        folder = work.path if label is None else work.path / _token_name(prompts.token(label))
+        _save_lora(accelerator.unwrap_model(run.unet), folder)
+        state = {"job": j + 1, "done": {**state["done"], name: {
+            "file": str((folder / LORA_FILE).relative_to(work.path)), "images": len(members),
+            "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}}}
+        work.save(state)
+    bar.close()
+
+    summary = {
+        "stage": "lora", "seed": seed, "base": diffusion.base_info(base_dir), "mode": lo.mode,
+        "tokens": use_tokens, "ti_dir": str(ti_dir) if use_tokens else None, "steps": lo.steps,
+        "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
+        "final_loss_window": _LOSS_WINDOW,
+        "latents_kept": f"{images.cached} of {len(rows)} images (square: the crop is a no-op)",
+        "settings": dataclasses.asdict(lo), "seconds": round(time.time() - started, 1), "loras": state["done"],
+    }
+    (work.path / "lora.json").write_text(json.dumps(summary, indent=2) + "\n")
+    work.finish()
+    losses = [v["final_loss"] for v in state["done"].values()]
+    print(f"lora: {len(jobs)} LoRA(s) ({lo.mode}) x {lo.steps} steps on {len(rows)} images in "
+          f"{summary['seconds']:.0f} s, final loss {np.mean(losses):.4f} -> {out_dir}")
+    return summary
+
+
+@dataclasses.dataclass
+class _LoraRun:
+    """What every LoRA of one run shares: the model, the kept images and prompts, the settings."""
+
+    accelerator: object
+    unet: torch.nn.Module  # prepared by the accelerator
+    noise_scheduler: object
+    images: _CroppedImages
+    context: torch.Tensor  # text-encoder states of each distinct prompt
+    prompt_of_row: np.ndarray  # train row -> its prompt's index in context
+    lo: object  # config.LoraConfig
+    dtype: torch.dtype  # weight dtype of the frozen modules
+
+
+def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: dict | None, checkpoint, bar,
+              on_step) -> list[float]:
+    """Add a fresh adapter and train it for lora.steps updates (from a checkpoint when resuming)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    lo, accelerator = run.lo, run.accelerator
+    base = accelerator.unwrap_model(run.unet)
+    if "default" in getattr(base, "peft_config", {}):
+        base.delete_adapters("default")
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        torch.manual_seed(_seed_of(*key))  # the adapter's Gaussian init
+        base.add_adapter(LoraConfig(r=lo.rank, lora_alpha=lo.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(lo.targets)))
+    if run.dtype != torch.float32:
+        cast_training_params(base, dtype=torch.float32)  # trainable weights in fp32 under autocast
+    params = {name: p for name, p in base.named_parameters() if p.requires_grad}
+    optimizer = accelerator.prepare(torch.optim.AdamW(params.values(), lr=lo.lr,
+                                                      weight_decay=lo.weight_decay))
+    start, history = 0, []
+    if resume is not None:
+        with torch.no_grad():
+            for name, value in resume["lora"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(resume["optimizer"])
+        start, history = resume["step"], resume["history"]
+    for step in range(start, lo.steps):
+        host, dev = _generators((*key, step), accelerator.device)
+        rows = members[sampler.take(step * lo.batch_size, lo.batch_size, host)]
+        latents = run.images.latents(rows, host, dev)
+        context = run.context[run.prompt_of_row[rows]]
+        loss = diffusion.denoising_loss(run.unet, run.noise_scheduler, latents, context, dev)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(list(params.values()), lo.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        checkpoint(step + 1, history, optimizer, params)
+        if on_step is not None:
+            on_step(step + 1, {"loss": history[-1]}, base)
+    return history
+
+
+def _save_lora(unet, folder: Path) -> None:
+    """The diffusers LoRA format, as StableDiffusionPipeline.load_lora_weights(folder) reads it."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
+def lora_files(lora_dir: Path) -> dict[str | None, Path]:
+    """The LoRA file(s) train_lora wrote: {None: file} (joint) or {label: file} (per_label)."""
+    summary = json.loads((Path(lora_dir) / "lora.json").read_text())
+    return {None if name == "joint" else name: Path(lora_dir) / entry["file"]
+            for name, entry in summary["loras"].items()}
+
+
+def _load_tokens(comps, ti_dir: Path, labels: list[str]) -> None:
+    """Learned tokens into tokenizer and text encoder through diffusers' own loader."""
+    from diffusers import StableDiffusionPipeline
+
+    files, tokens = token_files(ti_dir, labels)
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                   unet=comps.unet, scheduler=comps.noise_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe.load_textual_inversion([str(f) for f in files], token=tokens)
+    except (OSError, ValueError) as e:
+        raise SkinaugError(f"cannot load learned tokens from {ti_dir}: {str(e).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def _prompt_cache(comps, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """Encode each distinct prompt once (the text encoder is frozen): states and row -> prompt index."""
+    unique = sorted(set(texts))
+    states = torch.cat([diffusion.encode_prompts(comps.tokenizer, comps.text_encoder, unique[i : i + _ENCODE_BATCH])
+                        for i in range(0, len(unique), _ENCODE_BATCH)])
+    position = {text: i for i, text in enumerate(unique)}
+    return states, np.array([position[t] for t in texts])
+
+
+# --- images and latents ---------------------------------------------------------------------
+
+
+def _read_train(train_csv: Path, images_dir: Path, known: list[str], labels: list[str],
+                need_every_label: bool) -> pd.DataFrame:
+    """The train split's rows for `labels`, with image paths; every image must exist."""
+    df = data.read_table(train_csv)
+    absent = {"md5hash", "label", "fitzpatrick_scale"} - set(df.columns)
+    if absent:
+        raise SkinaugError(f"{train_csv} lacks column(s) {', '.join(sorted(absent))}")
+    unknown = sorted(set(df.label) - set(known))
+    if unknown:
+        raise SkinaugError(f"{train_csv} has label(s) not in subset.labels: {', '.join(unknown)}")
+    df = df[df.label.isin(labels)].reset_index(drop=True)
+    empty = [label for label in labels if not (df.label == label).any()]
+    if df.empty or (need_every_label and empty):
+        raise SkinaugError(f"{train_csv} has no training images for {', '.join(empty) or 'any label'}")
+    df["path"] = [Path(images_dir) / f"{md5}.jpg" for md5 in df.md5hash]
+    missing = [p for p in df.path if not p.is_file()]
+    if missing:
+        raise SkinaugError(f"{len(missing)} of {len(df)} images listed in {train_csv} are missing "
+                           f"(first: {missing[0]})")
+    return df
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SkinaugError(f"cannot read image {path}: {e}") from None
+
+
+def _to_pixels(arrays) -> torch.Tensor:
+    """uint8 HxWx3 arrays -> a batch in [-1, 1], as both reference scripts scale."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _flipped(image, flip: bool) -> np.ndarray:
+    """Resized, then flipped: the reference's order."""
+    array = np.asarray(image)
+    return array[:, ::-1] if flip else array
+
+
+class _Posteriors:
+    """VAE posterior moments of fixed images, encoded on first use and kept.
+
+    Sampling a latent from kept moments is the very draw vae.encode(...).latent_dist.sample()
+    makes, so reuse is exact; encoding on first use means never more VAE calls than encoding
+    every step (the demo's 60 steps touch fewer images than the split holds).
+    """
+
+    def __init__(self, vae, pixels_of):
+        self.vae, self.pixels_of, self.kept = vae, pixels_of, {}
+
+    def get(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        new = [k for k in dict.fromkeys(keys) if k not in self.kept]
+        for i in range(0, len(new), _ENCODE_BATCH):
+            chunk = new[i : i + _ENCODE_BATCH]
+            self.kept.update(zip(chunk, zip(*_moments(self.vae, [self.pixels_of(k) for k in chunk]))))
+        return tuple(torch.stack([self.kept[k][j] for k in keys]) for j in (0, 1))
+
+
+@torch.no_grad()
+def _moments(vae, arrays) -> tuple[torch.Tensor, torch.Tensor]:
+    return diffusion.latent_moments(vae, _to_pixels(arrays).to(vae.device))
+
+
+class _CroppedImages:
+    """LoRA's images: bilinear resize of the shorter side to `resolution`, then a random square crop.
+
+    A square image crops to itself, so its posterior is kept (exact); the others are kept
+    resized in memory, and cropped and encoded every step (a crop in latent space would not
+    be equivalent).
+    """
+
+    def __init__(self, vae, paths, resolution: int):
+        self.vae, self.resolution = vae, resolution
+        self.pixels = [self._resize(_open_image(path)) for path in paths]  # a broken image fails here
+        self.square = _Posteriors(vae, lambda i: self.pixels[i])
+        self.cached = sum(a.shape[0] == a.shape[1] for a in self.pixels)
+
+    def _resize(self, image) -> np.ndarray:
+        w, h = image.size  # torchvision Resize(int): shorter side -> resolution, longer truncated
+        size = (self.resolution, int(self.resolution * h / w)) if w <= h else (int(self.resolution * w / h),
+                                                                                self.resolution)
+        return np.asarray(image.resize(size, Image.BILINEAR))
+
+    def latents(self, rows, host: torch.Generator, dev: torch.Generator) -> torch.Tensor:
+        crops = {}
+        for n, i in enumerate(rows):
+            h, w = self.pixels[i].shape[:2]
+            if h != w:
+                top = int(torch.randint(h - self.resolution + 1, (1,), generator=host))
+                left = int(torch.randint(w - self.resolution + 1, (1,), generator=host))
+                crops[n] = self.pixels[i][top : top + self.resolution, left : left + self.resolution]
+        fresh = iter(zip(*_moments(self.vae, list(crops.values())))) if crops else iter(())
+        square = [i for n, i in enumerate(rows) if n not in crops]
+        kept = iter(zip(*self.square.get(square))) if square else iter(())
+        moments = [next(fresh) if n in crops else next(kept) for n in range(len(rows))]
+        mean, std = (torch.stack([m[j] for m in moments]) for j in (0, 1))
+        return diffusion.sample_latents(self.vae, mean, std, dev)
+
+
+# --- sampling and randomness ------------------------------------------------------------------
+
+
+def _seed_of(*key: int) -> int:
+    """A 63-bit seed that is a pure function of the key (seed, phase, job, step, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _generators(key: tuple, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """A CPU generator (which images, flips, templates, crops) and one on the device (latents, noise,
+    timesteps), both fixed by the key so that any step can be redrawn without replaying the ones before."""
+    host = torch.Generator().manual_seed(_seed_of(*key, 0))
+    return host, torch.Generator(device).manual_seed(_seed_of(*key, 1))
+
+
+class _Shuffled:
+    """Endless reshuffled passes over n items (a shuffling DataLoader), a pure function of the position."""
+
+    def __init__(self, n: int, key: tuple):
+        self.n, self.key, self._epoch, self._perm = n, key, None, None
+
+    def take(self, start: int, count: int, generator=None) -> np.ndarray:  # noqa: ARG002 - as _Balanced
+        out = []
+        for position in range(start, start + count):
+            epoch, i = divmod(position, self.n)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(_seed_of(*self.key, epoch, 2))
+                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).numpy()
+            out.append(self._perm[i])
+        return np.array(out)
+
+
+class _Balanced:
+    """Skin-type-balanced sampling: a fitzpatrick_scale uniformly among those present, then one of its images."""
+
+    def __init__(self, fitzpatrick_scale: np.ndarray):
+        self.fst = np.asarray(fitzpatrick_scale)
+
+    def take(self, start: int, count: int, generator: torch.Generator) -> np.ndarray:  # noqa: ARG002 - as _Shuffled
+        return balanced_indices(self.fst, count, generator)
+
+
+def balanced_indices(fitzpatrick_scale: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
+    """`count` row indices whose skin types are uniform over the types present (with replacement)."""
+    fst = np.asarray(fitzpatrick_scale)
+    types = np.unique(fst)
+    picked = types[torch.randint(len(types), (count,), generator=generator).numpy()]
+    out = []
+    for t in picked:
+        members = np.flatnonzero(fst == t)
+        out.append(members[int(torch.randint(len(members), (1,), generator=generator))])
+    return np.array(out)
+
+
+def _key(cfg: Config, label: str) -> int:
+    """A token's job key: its place in subset.labels, the same whether trained alone or with the others."""
+    return cfg.subset.labels.index(label)
+
+
+# --- device, precision, resume ------------------------------------------------------------------
+
+
+def _accelerator(model: ModelConfig):
+    """accelerate's Accelerator for device placement and mixed precision (fp32 on CPU)."""
+    from accelerate import Accelerator
+
+    device = diffusion.pick_device(model)
+    dtype = diffusion.weight_dtype(model, device)
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    if accelerator.num_processes > 1:  # every process would train the whole job and race on the output
+        raise SkinaugError("fine-tuning runs as one process (one GPU); run it without `accelerate launch`")
+    return accelerator, dtype
+
+
+def _place(*modules, device, dtype, model: ModelConfig) -> None:
+    """Frozen modules to the device in the weight dtype; channels_last on GPU when params ask for it."""
+    channels_last = device.type == "cuda" and model.channels_last
+    for module in modules:
+        module.to(device)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+        if channels_last and module.__class__.__name__ != "CLIPTextModel":
+            module.to(memory_format=torch.channels_last)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: Path, **extra) -> dict:
+    """What a checkpoint must match to be resumed: settings, seed, split and base model."""
+    section = cfg.textual_inversion if stage == "textual_inversion" else cfg.lora
+    return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
+            "model": dataclasses.asdict(cfg.model), "train_csv": _sha256(train_csv),
+            "base": diffusion.base_info(base_dir), **extra}
+
+
+class _Work:
+    """out_dir's hidden sibling: outputs and checkpoints go here; renamed to out_dir when complete.
+
+    An interrupted run leaves it behind; the next run with the same settings resumes from its
+    checkpoint, any other run starts it afresh. out_dir itself never holds a partial result.
+    """
+
+    def __init__(self, out_dir: Path, fingerprint: dict):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir.parent / f".{self.out_dir.name}.partial"
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+
+    def open(self) -> dict | None:
+        stamp, state = self.path / "fingerprint.json", self.path / "checkpoint.pt"
+        if stamp.is_file() and json.loads(stamp.read_text()) == self.fingerprint and state.is_file():
+            print(f"resuming from {state}")
+            return torch.load(state, weights_only=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        stamp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
+        return None
+
+    def save(self, state: dict) -> None:
+        tmp = self.path / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path / "checkpoint.pt")
+
+    def finish(self) -> None:
+        for name in ("checkpoint.pt", "fingerprint.json"):
+            (self.path / name).unlink(missing_ok=True)
+        old = self.out_dir.with_name(f".{self.out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.out_dir.exists():
+            os.replace(self.out_dir, old)
+        os.replace(self.path, self.out_dir)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,248 @@
+"""Textual inversion and LoRA on the tiny base model: what changes, what loads, what resumes, what fails."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from skinaug import SkinaugError, finetune, prompts
+
+LABELS = ["basal cell carcinoma", "folliculitis"]
+FSTS = [1, 2, 2, 6]  # per label: light types dominate, as in the study
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """A train.csv of 2 labels x 4 images (32 px squares, one 32x40 to exercise LoRA's random crop)."""
+    root = tmp_path_factory.mktemp("split")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, label in enumerate(LABELS):
+        for i, fst in enumerate(FSTS):
+            md5 = f"{k}{i}".ljust(32, "0")
+            size = (32, 40) if (k, i) == (0, 0) else (32, 32)
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / f"{md5}.jpg")
+            rows.append({"md5hash": md5, "fitzpatrick_scale": fst, "label": label})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root / "train.csv", images
+
+
+@pytest.fixture(scope="module")
+def cfg(repo_cfg):
+    """The demo profile's settings, shrunk: 2 labels, 16 px, 3 steps, small batches."""
+    return dataclasses.replace(
+        repo_cfg,
+        subset=dataclasses.replace(repo_cfg.subset, labels=LABELS),
+        model=dataclasses.replace(repo_cfg.model, resolution=16, mixed_precision="no", device="cpu"),
+        textual_inversion=dataclasses.replace(repo_cfg.textual_inversion, steps=3, batch_size=1, grad_accum=2,
+                                              lr=5.0e-3, scale_lr=False),
+        lora=dataclasses.replace(repo_cfg.lora, steps=3, batch_size=2, lr=1.0e-3),
+    )
+
+
+@pytest.fixture(scope="module")
+def ti_run(split, tiny_base, cfg, tmp_path_factory):
+    """One joint run of the three tokens; records the whole embedding matrix after every update."""
+    out = tmp_path_factory.mktemp("ti") / "ti"
+    matrices = []
+    finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7,
+                                     on_step=lambda s, l, te: matrices.append(
+                                         te.get_input_embeddings().weight.detach().clone()))
+    return out, matrices
+
+
+@pytest.fixture(scope="module")
+def lora_run(split, tiny_base, cfg, ti_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "lora"
+    finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7)
+    return out
+
+
+def _vectors(ti_dir):
+    return {p.stem: load_file(p) for p in sorted(ti_dir.glob("*.safetensors"))}
+
+
+def test_ti_learns_only_the_new_rows(ti_run, tiny_base):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out, matrices = ti_run
+    base = CLIPTextModel.from_pretrained(tiny_base, subfolder="text_encoder").get_input_embeddings().weight
+    skin = base[CLIPTokenizer.from_pretrained(tiny_base, subfolder="tokenizer").encode(
+        "skin", add_special_tokens=False)[0]]
+    assert len(matrices) == 3
+    for matrix in matrices:  # after every update, every old row is the base model's, bit for bit
+        assert torch.equal(matrix[: len(base)], base)
+    new_rows = matrices[-1][len(base):]
+    assert new_rows.shape[0] == len(LABELS)
+    assert all(not torch.allclose(row, skin) for row in new_rows)
+    summary = json.loads((out / "ti.json").read_text())
+    assert set(summary["tokens"]) == set(LABELS) and summary["steps"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["bas-class.safetensors", "fol-class.safetensors", "ti.json"]
+    assert not list(out.parent.glob(".*"))  # no work folder left behind
+
+
+def test_joint_ti_equals_separate_runs(ti_run, split, tiny_base, cfg, tmp_path):
+    joint = _vectors(ti_run[0])
+    label = LABELS[1]  # the second token alone: its seeds must not depend on the others
+    finetune.train_textual_inversion(*split, tiny_base, tmp_path / "alone", cfg, seed=7, labels=[label])
+    (name, alone), = _vectors(tmp_path / "alone").items()
+    token = prompts.token(label)
+    torch.testing.assert_close(alone[token], joint[name][token], atol=1e-5, rtol=0)
+    assert not torch.allclose(joint[name][token], joint["bas-class"]["<bas-class>"])
+
+
+def test_one_token_per_forward_pass_changes_nothing(ti_run, split, tiny_base, cfg, tmp_path):
+    """textual_inversion.tokens_per_pass (less GPU memory) splits the joint batch; the result stays."""
+    one_per_pass = dataclasses.replace(cfg, textual_inversion=dataclasses.replace(cfg.textual_inversion,
+                                                                                   tokens_per_pass=1))
+    finetune.train_textual_inversion(*split, tiny_base, tmp_path / "ti", one_per_pass, seed=7)
+    split_passes, joint = _vectors(tmp_path / "ti"), _vectors(ti_run[0])
+    for name in joint:
+        torch.testing.assert_close(split_passes[name], joint[name], atol=1e-5, rtol=0)
+
+
+def test_token_files_load_with_the_stock_loader(ti_run, tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+    files, tokens = finetune.token_files(ti_run[0], LABELS)
+    for file, token in zip(files, tokens):
+        pipe.load_textual_inversion(str(file), token=token)
+        row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(token)]
+        assert torch.equal(row, load_file(file)[token][0])
+    ids = pipe.tokenizer(prompts.skin_prompt("folliculitis", 5)).input_ids
+    assert pipe.tokenizer.convert_tokens_to_ids("<fol-class>") in ids
+
+
+def test_lora_trains_and_loads_into_a_stock_img2img_pipeline(lora_run, ti_run, tiny_base):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    weights = load_file(lora_run / finetune.LORA_FILE)
+    ups = [v for k, v in weights.items() if "lora.up" in k or "lora_B" in k]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # lora_B starts at zero: it learned
+    summary = json.loads((lora_run / "lora.json").read_text())
+    assert summary["tokens"] is True and summary["mode"] == "joint"
+    assert summary["latents_kept"].startswith(f"{len(LABELS) * len(FSTS) - 1} of")
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_base, safety_checker=None)
+    pipe.load_textual_inversion([str(f) for f in finetune.token_files(ti_run[0], LABELS)[0]],
+                                token=[prompts.token(label) for label in LABELS])
+    pipe.load_lora_weights(lora_run)
+    assert pipe.get_active_adapters()
+    source = Image.fromarray(np.full((16, 16, 3), 128, np.uint8))
+    image = pipe(prompts.skin_prompt("folliculitis", 6), image=source, strength=0.5, num_inference_steps=4,
+                 guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (16, 16, 3) and np.isfinite(image).all()
+
+
+def test_per_label_lora_without_tokens_writes_one_lora_per_label(split, tiny_base, cfg, tmp_path):
+    per_label = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, mode="per_label", steps=2))
+    calls = []
+
+    def stop_in_the_second_lora(step, *_):
+        calls.append(step)
+        if len(calls) == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        finetune.train_lora(*split, tiny_base, None, tmp_path / "lora", per_label, seed=0, checkpoint_every=1,
+                            on_step=stop_in_the_second_lora)
+    calls.clear()
+    finetune.train_lora(*split, tiny_base, None, tmp_path / "lora", per_label, seed=0,
+                        on_step=lambda step, *_: calls.append(step))
+    assert calls == [2]  # the first LoRA was done, the second resumed after its first update
+    files = finetune.lora_files(tmp_path / "lora")
+    assert set(files) == set(LABELS)
+    for label, file in files.items():
+        assert file == tmp_path / "lora" / prompts.token(label).strip("<>") / finetune.LORA_FILE
+        assert file.is_file()
+    assert json.loads((tmp_path / "lora" / "lora.json").read_text())["tokens"] is False
+
+
+def test_balanced_sampler_draws_skin_types_evenly():
+    fst = np.array([2] * 90 + [1] * 8 + [6] * 2)
+    drawn = fst[finetune.balanced_indices(fst, 3000, torch.Generator().manual_seed(0))]
+    counts = np.array([(drawn == t).sum() for t in (1, 2, 6)])
+    assert np.all(np.abs(counts - 1000) < 100), counts
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step):
+    def on_step(s, *_):
+        if s == step:
+            raise _Stop
+
+    return on_step
+
+
+def test_interrupted_ti_resumes_to_the_uninterrupted_result(ti_run, split, tiny_base, cfg, tmp_path):
+    out = tmp_path / "ti"
+    with pytest.raises(_Stop):
+        finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7, checkpoint_every=1,
+                                         on_step=_stop_at(2))
+    assert not out.exists() and (tmp_path / ".ti.partial" / "checkpoint.pt").is_file()
+    steps = []
+    finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7, on_step=lambda s, *_: steps.append(s))
+    assert steps == [3]  # only the last update was left
+    resumed, whole = _vectors(out), _vectors(ti_run[0])
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], atol=0, rtol=0)
+
+
+def test_interrupted_lora_resumes_to_the_uninterrupted_result(lora_run, ti_run, split, tiny_base, cfg, tmp_path):
+    out = tmp_path / "lora"
+    with pytest.raises(_Stop):
+        finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7, checkpoint_every=1, on_step=_stop_at(2))
+    assert not out.exists()
+    finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7)
+    resumed, whole = load_file(out / finetune.LORA_FILE), load_file(lora_run / finetune.LORA_FILE)
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], atol=0, rtol=0)
+
+
+def _broken(split, tmp_path, how):
+    """A copy of the split with its images broken in one way."""
+    train_csv, images = split
+    copy = tmp_path / "images"
+    copy.mkdir()
+    df = pd.read_csv(train_csv, dtype={"md5hash": str})
+    for md5 in df.md5hash:
+        (copy / f"{md5}.jpg").write_bytes((images / f"{md5}.jpg").read_bytes())
+    if how == "missing":
+        for md5 in df.md5hash[3:5]:
+            (copy / f"{md5}.jpg").unlink()
+    if how == "corrupt":
+        (copy / f"{df.md5hash[4]}.jpg").write_bytes(b"not a jpeg")
+    return train_csv, copy, copy / f"{df.md5hash[3 if how == 'missing' else 4]}.jpg"
+
+
+@pytest.mark.parametrize("stage", ["textual_inversion", "lora"])
+@pytest.mark.parametrize("how", ["no_base", "missing", "corrupt"])
+def test_bad_input_is_one_clear_error_and_leaves_nothing(stage, how, split, tiny_base, cfg, tmp_path):
+    train_csv, images, culprit = _broken(split, tmp_path, how)
+    base = tmp_path / "no-such-base" if how == "no_base" else tiny_base
+    out = tmp_path / "out"
+    with pytest.raises(SkinaugError) as err:
+        if stage == "textual_inversion":
+            finetune.train_textual_inversion(train_csv, images, base, out, cfg, seed=0)
+        else:
+            finetune.train_lora(train_csv, images, base, None, out, cfg, seed=0)
+    message = str(err.value)
+    assert "\n" not in message
+    expected = {"no_base": ["no-such-base", "model_index.json"], "missing": ["2 of 8", str(culprit)],
+                "corrupt": [str(culprit)]}[how]
+    assert all(part in message for part in expected), message
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
