@@ -126,6 +126,20 @@ def test_plan_target_skin_type_prompts_and_seeds(tmp_path, cfg):
     assert G.image_seed(0, "a" * 32, 1) == int.from_bytes(hashlib.sha256(f"0:{'a' * 32}:1".encode()).digest()[:8]) >> 1
 
 
+def test_ablation_plan_keeps_the_first_sources_of_each_label(tmp_path, cfg):
+    rows = [(f"{i:032x}", LABELS[i % 7], (1, 2, 5, 6)[i % 4]) for i in range(40)]
+    pd.DataFrame(rows, columns=["md5hash", "label", "fitzpatrick_scale"]).to_csv(tmp_path / "t.csv", index=False)
+    full = G.make_plan(tmp_path / "t.csv", cfg, 0, "img2img_ti")
+    small = G.make_plan(tmp_path / "t.csv", cfg, 0, "img2img_ti", sources_per_label=2)
+    per_label = small.drop_duplicates("source_md5hash").groupby("label").size()
+    assert (per_label == 2).all() and len(per_label) == 7
+    first_two = {h for h, _, _ in rows[:14]}  # labels cycle every 7 rows
+    assert set(small.source_md5hash) == first_two
+    # the same image keeps its seed (and target type) whatever the subset
+    merged = small.merge(full, on="file", suffixes=("", "_full"))
+    assert len(merged) == len(small) and (merged.seed == merged.seed_full).all()
+
+
 # --- determinism, batching, pairing ----------------------------------------------------------------
 
 
@@ -266,7 +280,10 @@ def test_accelerate_launch_two_processes(ref, tmp_path, world, tiny_base, adapte
            "--mixed_precision", "no", "--dynamo_backend", "no", str(bin_dir / "skinaug"), "--params", str(params),
            "generate", str(tmp_path / "split"), str(world / "images"), str(tiny_base), str(tmp_path / "syn"),
            "--ti-dir", str(adapters / "ti"), "--lora-dir", str(adapters / "lora"), "--seed", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    # Same thread count as the reference run: CPU kernels sum in another order with other counts.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "SKINAUG_TEST_THREADS": threads, "CUDA_VISIBLE_DEVICES": "",
+           "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("generate: 8 images (8 new)") == 1  # one summary: from process 0

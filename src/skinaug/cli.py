@@ -160,16 +160,20 @@ def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, 
 @click.option("--ti-dir", type=ExistingPath, default=None, help="Learned tokens (strategies with ti).")
 @click.option("--lora-dir", type=ExistingPath, default=None, help="LoRA weights (strategies with lora).")
 @click.option("--strategy", default=None, help="Generation strategy; default from params (generate.strategy).")
+@click.option("--sources-per-label", type=int, default=0, show_default=True,
+              help="Use only the first N training images of each label (0: all); the ablation's size.")
 @_seed_option
 @click.pass_context
 def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path,
-             ti_dir: Path | None, lora_dir: Path | None, strategy: str | None, seed: int) -> None:
+             ti_dir: Path | None, lora_dir: Path | None, strategy: str | None, sources_per_label: int,
+             seed: int) -> None:
     """Synthesise dark-skin versions of every training image (img2img); resumes where it stopped."""
     from skinaug import generate as generate_mod
 
     cfg = _cfg(ctx)
     generate_mod.generate(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
-                          ti_dir=ti_dir, lora_dir=lora_dir, strategy=strategy or cfg.generate.strategy)
+                          ti_dir=ti_dir, lora_dir=lora_dir, strategy=strategy or cfg.generate.strategy,
+                          sources_per_label=sources_per_label)
 
 
 @main.command()

@@ -133,9 +133,10 @@ class ClassifyConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    strategies: list[str]  # generation strategies compared besides the method itself (SPEC §6)
+    strategies: list[str]  # generation strategies compared (SPEC §6)
     arch: str  # classifier trained on each strategy's synthetic images
     seed: int  # split seed the ablation runs on
+    sources_per_label: int  # training images per label the ablation generates from; 0 = all
 
 
 @dataclass(frozen=True)

@@ -71,14 +71,17 @@ def image_seed(seed: int, md5hash: str, k: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str) -> pd.DataFrame:
+def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str, sources_per_label: int = 0) -> pd.DataFrame:
     """One row per synthetic image, in train.csv order then k (pure: same inputs, same plan).
 
     Target skin type: a light source gets one of splits.dark, drawn by numpy default_rng(seed) in
-    (source row, k) order; any other source keeps its own.
+    (source row, k) order; any other source keeps its own. sources_per_label > 0 keeps only the
+    first that many sources of each label (a smaller ablation).
     """
     s, g = strategy_of(strategy), cfg.generate
     train = _read_train(train_csv)
+    if sources_per_label > 0:
+        train = train.groupby("label", sort=False, group_keys=False).head(sources_per_label)
     draws = np.random.default_rng(seed).choice(cfg.splits.dark, size=(len(train), g.per_source))
     rows = []
     for i, src in enumerate(train.itertuples(index=False)):
@@ -93,7 +96,7 @@ def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str) -> pd.Data
 
 def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, cfg: Config, seed: int,
              ti_dir: Path | None = None, lora_dir: Path | None = None, strategy: str = "img2img_ti_lora",
-             state=None) -> pd.DataFrame:
+             state=None, sources_per_label: int = 0) -> pd.DataFrame:
     """Write out_dir/images/{md5hash}_{k}.png and out_dir/manifest.csv; returns the manifest.
 
     Everything is checked before out_dir is touched. `state` (default: accelerate's PartialState)
@@ -104,7 +107,7 @@ def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, c
     for needed, given, option in ((s.ti, ti_dir, "--ti-dir"), (s.lora, lora_dir, "--lora-dir")):
         if needed and given is None:
             raise SkinaugError(f"strategy {strategy} needs {option}")
-    plan = make_plan(train_csv, cfg, seed, strategy)
+    plan = make_plan(train_csv, cfg, seed, strategy, sources_per_label)
     tokens = _token_files(Path(ti_dir), plan) if s.ti else {}
     loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan) if s.lora else {}
     if s.img2img:

@@ -120,7 +120,7 @@ def _models(vocab_size: int, resolution: int):
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
-        layers_per_block=2,
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=hidden,
