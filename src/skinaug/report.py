@@ -364,7 +364,7 @@ def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[
                 ax.imshow(im.convert("RGB"))
             ax.set_title(title, fontsize=7)
         row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right", va="center", fontsize=8)
-    fig.suptitle("Real training images (left) and their synthetic versions", fontsize=10)
+    fig.suptitle("Real training images (left)\nand their synthetic versions", fontsize=9)
     _save(fig, path)
 
 
