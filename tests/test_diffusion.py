@@ -26,8 +26,11 @@ def test_tiny_base_is_deterministic_for_a_seed(tmp_path):
     a = tinymodel.build(tmp_path / "a", seed=3)
     b = tinymodel.build(tmp_path / "b", seed=3)
     c = tinymodel.build(tmp_path / "c", seed=4)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for name in files:  # weights, tokenizer and configs alike
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
     name = "unet/diffusion_pytorch_model.safetensors"
-    assert (a / name).read_bytes() == (b / name).read_bytes()
     assert (a / name).read_bytes() != (c / name).read_bytes()
 
 

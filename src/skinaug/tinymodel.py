@@ -167,24 +167,41 @@ def make_tokenizer(folder: Path, extra_words: set[str] | None = None):
 
 
 def _bpe_tables(words: set[str]) -> tuple[dict[str, int], list[str]]:
-    """Train a byte-level BPE (CLIP style: word ends marked </w>) until every word is one symbol."""
-    from tokenizers import Tokenizer, models, trainers
-    from tokenizers.pre_tokenizers import ByteLevel, WhitespaceSplit
+    """Learn byte-level BPE merges (CLIP style: word ends marked </w>) until every word is one symbol.
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = WhitespaceSplit()
+    Plain BPE training, most frequent pair first, ties broken alphabetically: deterministic
+    (the `tokenizers` trainer is not), and encoding with these merges gives each word one token.
+    """
+    from collections import Counter
+
+    from tokenizers.pre_tokenizers import ByteLevel
+
     alphabet = sorted(ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=1, special_tokens=SPECIAL, initial_alphabet=alphabet,
-        end_of_word_suffix="</w>", show_progress=False,
-    )
-    bpe.train_from_iterator(sorted(words), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for s in alphabet:  # CLIP's vocabulary also holds every byte as a whole word
-        vocab.setdefault(s + "</w>", len(vocab))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return vocab, merges
+    vocab: dict[str, int] = {}
+    for symbol in SPECIAL + alphabet + [s + "</w>" for s in alphabet]:
+        vocab.setdefault(symbol, len(vocab))
+    corpus = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(words)]
+    merges: list[str] = []
+    while True:
+        pairs = Counter(pair for word in corpus for pair in zip(word, word[1:]))
+        if not pairs:
+            return vocab, merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(" ".join(best))
+        vocab.setdefault("".join(best), len(vocab))
+        corpus = [_merge(word, best) for word in corpus]
+
+
+def _merge(word: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
 
 
 def _remove_tree(path: Path) -> None:

@@ -1,0 +1,28 @@
+"""The demo's base model: pretrained on the demo world's web corpus, reproducibly."""
+from __future__ import annotations
+
+import numpy as np
+
+from skinaug import prompts, tinymodel, tone, world
+
+
+def test_web_corpus_covers_every_tone_with_the_prompts_wording():
+    pixels, fsts, captions = world.web_corpus(120, seed=0, size=32)
+    assert pixels.shape == (120, 32, 32, 3) and set(fsts) == {1, 2, 3, 4, 5, 6}
+    for fst, caption in zip(fsts, captions):
+        assert caption.endswith(f"on the skin of {prompts.TONES[int(fst)]} individual")
+        assert not any(label in caption for label in prompts.TOKENS)  # generic marks, never a study condition
+    medians = [np.median([tone.skin_ita(p) for p in pixels[fsts == f]]) for f in range(1, 7)]
+    assert all(a > b for a, b in zip(medians, medians[1:]))  # lighter types have the higher ITA
+
+
+def test_pretraining_is_deterministic_for_a_seed(tmp_path):
+    args = dict(seed=3, resolution=32, corpus_size=64, vae_steps=2, unet_steps=2, batch_size=4)
+    a = tinymodel.pretrain(tmp_path / "a", **args)
+    b = tinymodel.pretrain(tmp_path / "b", **args)
+    random = tinymodel.build(tmp_path / "random", seed=3)
+    for name in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "vae/config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
+        (random / "unet/diffusion_pytorch_model.safetensors").read_bytes()
