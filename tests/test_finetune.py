@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -246,3 +251,59 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(stage, how, split, tiny
                 "corrupt": [str(culprit)]}[how]
     assert all(part in message for part in expected), message
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_each_sample_of_a_batch_is_one_process_s(count):
+    from types import SimpleNamespace
+
+    shares = [finetune._mine(count, SimpleNamespace(num_processes=3, process_index=i)) for i in range(3)]
+    assert [j for share in shares for j in share] == list(range(count))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one(split, tiny_base, cfg, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): the tokens and LoRA of one process.
+
+    Odd batches split unevenly (1 + 2 samples per token and per LoRA step), so each token's batch
+    is shared by both processes. About 50 s on 2 CPU cores (mostly the two launches' start-up).
+    """
+    two = dataclasses.replace(
+        cfg, textual_inversion=dataclasses.replace(cfg.textual_inversion, steps=2, batch_size=3, grad_accum=1,
+                                                   tokens_per_pass=1),
+        lora=dataclasses.replace(cfg.lora, steps=2, batch_size=3))
+    one = tmp_path / "one"
+    finetune.train_textual_inversion(*split, tiny_base, one / "ti", two, seed=3)
+    finetune.train_lora(*split, tiny_base, one / "ti", one / "lora", two, seed=3)
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(dataclasses.asdict(two)))
+    bin_dir = Path(sys.executable).parent
+    launch = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(bin_dir / "skinaug"), "--params", str(params)]
+    args = [str(split[0].parent), str(split[1]), str(tiny_base)]
+    multi = tmp_path / "multi"
+    # Same thread count as the one-process run: CPU kernels sum in another order with other counts.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    for stage, out, extra in (("textual_inversion", "ti", []), ("lora", "lora", ["--ti-dir", str(one / "ti")])):
+        done = subprocess.run([*launch, stage, *args, str(multi / out), *extra, "--seed", "3"],
+                              check=False, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count(f"{stage}: ") == 1, done.stdout  # one summary: the main process's
+
+    assert sorted(p.name for p in multi.iterdir()) == ["lora", "ti"]  # no partial or old folders
+    for out in ("ti", "lora"):
+        assert sorted(p.name for p in (multi / out).iterdir()) == sorted(p.name for p in (one / out).iterdir())
+    alone, shared = _vectors(one / "ti"), _vectors(multi / "ti")
+    for name in alone:
+        torch.testing.assert_close(shared[name], alone[name], atol=1e-5, rtol=0)
+    for label in LABELS:  # the losses logged are the whole batch's too
+        one_loss, two_loss = (json.loads((d / "ti.json").read_text())["tokens"][label]["final_loss"]
+                              for d in (one / "ti", multi / "ti"))
+        assert two_loss == pytest.approx(one_loss, abs=1e-5)
+    alone, shared = load_file(one / "lora" / finetune.LORA_FILE), load_file(multi / "lora" / finetune.LORA_FILE)
+    assert alone.keys() == shared.keys()
+    for key in alone:
+        torch.testing.assert_close(shared[key], alone[key], atol=1e-5, rtol=0)

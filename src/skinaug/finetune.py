@@ -12,10 +12,18 @@ Outputs (renamed into place only when complete; stock diffusers loaders read the
 
 Demo profile (tiny model, 1,519 images, 60 steps each, 2 CPU cores): about 20 s per stage.
 
-Randomness is counter-based: every draw of step s of job j (a token, or a LoRA) comes from
-generators seeded by (seed, phase, j, s). So the seven tokens can share one batch and still
-get exactly the samples, noise and updates of seven separate runs, and a run resumed from a
-checkpoint needs only the step number to continue as if never stopped.
+More than one GPU: the same commands under accelerate (data parallel; same result as one process):
+    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) textual_inversion ...
+    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) lora ...
+Each process computes the loss of its share of every step's batch (`_mine`), normalised by the
+whole batch; the trainable gradients are summed over processes (one all-reduce per step), so
+every process applies the update a single process would. Only the main process writes.
+
+Randomness is counter-based: every draw for sample i of step s of job j (a token, or a LoRA)
+comes from generators seeded by (seed, phase, j, s, i). So the seven tokens can share one batch
+and still get exactly the samples, noise and updates of seven separate runs, any process can
+draw any sample, and a run resumed from a checkpoint needs only the step number to continue
+as if never stopped.
 
 Speed: VAE posteriors are computed on first use and kept whenever the augmentation leaves
 the pixels fixed: for textual inversion (resize only) per image and flip state; for LoRA
@@ -84,9 +92,12 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     keep[token_ids] = False
     lr = ti.lr * ti.batch_size * ti.grad_accum if ti.scale_lr else ti.lr
     optimizer = torch.optim.AdamW(embeddings.parameters(), lr=lr, weight_decay=ti.weight_decay)
-    text_encoder, optimizer = accelerator.prepare(comps.text_encoder, optimizer)
+    # Mixed precision, no DDP: below, only the new rows' gradient is summed over processes, once per step.
+    text_encoder = accelerator.prepare_model(comps.text_encoder, evaluation_mode=True)
+    optimizer = accelerator.prepare_optimizer(optimizer)
 
-    work = _Work(out_dir, _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels))
+    work = _Work(out_dir, _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels),
+                 accelerator)
     state = work.open()
     start, history = (state["step"], state["history"]) if state else (0, [])
     if state:
@@ -96,18 +107,32 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
     passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
     started = time.time()
-    bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step")
+    bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step",
+               disable=not accelerator.is_main_process)
     for step in range(start, ti.steps):
-        step_losses = torch.zeros(len(labels))
+        step_losses = torch.zeros(len(labels), device=device)
         for micro, group in itertools.product(range(ti.grad_accum), passes):
+            mine = _mine(len(group) * ti.batch_size, accelerator)  # this pass's samples, token after token
+            if not mine:
+                continue
+            shares = [[j % ti.batch_size for j in mine if j // ti.batch_size == n] for n in range(len(group))]
             draws = [_ti_draws(comps, posteriors[k], samplers[k], labels[k], (seed, _TI, _key(cfg, labels[k])),
-                               step * ti.grad_accum + micro, ti, device) for k in group]
+                               step * ti.grad_accum + micro, share, ti, device) for k, share in zip(group, shares)
+                     if share]
             latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
             context = diffusion.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
             losses = diffusion.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise, timesteps)
-            per_token = losses.view(len(group), ti.batch_size).mean(1)  # a sum of per-token means, not one mean
+            # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
+            per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
             accelerator.backward(per_token.sum() / ti.grad_accum)
-            step_losses[group] += per_token.detach().float().cpu() / ti.grad_accum
+            step_losses[group] += per_token.detach().float() / ti.grad_accum
+        if accelerator.num_processes > 1:
+            grad = _grad(embeddings.weight)
+            rows = grad[token_ids]
+            _sum_over_processes(accelerator, [rows, step_losses])
+            grad.zero_()  # the other rows are restored below; zeroed, every process steps on the same gradient
+            grad[token_ids] = rows
+        step_losses = step_losses.cpu()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # only the new rows learn; weight decay touched every row
@@ -136,24 +161,26 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     }
     for i, label in enumerate(labels):
         token = prompts.token(label)
-        save_file({token: learned[i : i + 1].contiguous()}, work.path / _token_file(token))
+        if accelerator.is_main_process:
+            save_file({token: learned[i : i + 1].contiguous()}, work.path / _token_file(token))
         summary["tokens"][label] = {"token": token, "file": _token_file(token), "images": len(images[i]),
                                     "final_loss": float(final[i])}
-    (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if accelerator.is_main_process:
+        (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
     work.finish()
-    print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
-          f"{summary['seconds']:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
+    accelerator.print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
+                      f"{summary['seconds']:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
     return summary
 
 
-def _ti_draws(comps, posteriors, sampler, label, key, micro_step, ti, device):
-    """One token's share of a batch: its images (flipped or not), prompts, latents, noise, timesteps."""
-    host, dev = _generators((*key, micro_step), device)
-    index = sampler.take(micro_step * ti.batch_size, ti.batch_size).tolist()
-    flip = (torch.rand(ti.batch_size, generator=host) < ti.flip_p).tolist()
-    templates = torch.randint(len(prompts.TI_TEMPLATES), (ti.batch_size,), generator=host).tolist()
-    latents = diffusion.sample_latents(comps.vae, *posteriors.get(list(zip(index, flip))), dev)
-    noise, timesteps = diffusion.sample_noise(comps.noise_scheduler, latents, dev)
+def _ti_draws(comps, posteriors, sampler, label, key, micro_step, share, ti, device):
+    """Samples `share` of one token's batch: images (flipped or not), latents, noise, timesteps, prompts."""
+    gens = [_generators((*key, micro_step, i), device) for i in share]
+    index = [int(sampler.take(micro_step * ti.batch_size + i, 1)[0]) for i in share]
+    flip = [bool(torch.rand(1, generator=host) < ti.flip_p) for host, _ in gens]
+    templates = [int(torch.randint(len(prompts.TI_TEMPLATES), (1,), generator=host)) for host, _ in gens]
+    latents, noise, timesteps = _noised(comps.vae, comps.noise_scheduler, *posteriors.get(list(zip(index, flip))),
+                                        [dev for _, dev in gens])
     return latents, noise, timesteps, [prompts.ti_prompt(label, t) for t in templates]
 
 
@@ -215,8 +242,9 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
     context, prompt_of_row = _prompt_cache(comps, [prompts.skin_prompt(label, fst, use_tokens)
                                                    for label, fst in zip(rows.label, rows.fitzpatrick_scale)])
     images = _CroppedImages(comps.vae, rows.path, cfg.model.resolution)
-    run = _LoraRun(accelerator, accelerator.prepare(comps.unet), comps.noise_scheduler, images, context, prompt_of_row,
-                   lo, dtype)
+    # Mixed precision, no DDP: adapters come and go per job; _lora_job sums their gradients itself.
+    run = _LoraRun(accelerator, accelerator.prepare_model(comps.unet, evaluation_mode=True), comps.noise_scheduler,
+                   images, context, prompt_of_row, lo, dtype)
     if lo.mode == "joint":
         jobs = [(None, np.arange(len(rows)))]
     else:
@@ -224,12 +252,12 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
 
     work = _Work(out_dir, _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
                                        ti=sorted(_sha256(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
-                                       else None))
+                                       else None), accelerator)
     state = work.open() or {"job": 0, "done": {}}
     every = checkpoint_every or lo.checkpoint_every
     started = time.time()
     bar = tqdm(total=lo.steps * len(jobs), initial=lo.steps * state["job"] + state.get("step", 0), desc="lora",
-               unit="step")
+               unit="step", disable=not accelerator.is_main_process)
     for j, (label, members) in enumerate(jobs):
         if j < state["job"]:
             continue
@@ -246,7 +274,8 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         history = _lora_job(run, members, sampler, (seed, _LORA, j), state if state.get("step") else None,
                             checkpoint, bar, on_step)
         folder = work.path if label is None else work.path / _token_name(prompts.token(label))
-        _save_lora(accelerator.unwrap_model(run.unet), folder)
+        if accelerator.is_main_process:
+            _save_lora(accelerator.unwrap_model(run.unet), folder)
         state = {"job": j + 1, "done": {**state["done"], name: {
             "file": str((folder / LORA_FILE).relative_to(work.path)), "images": len(members),
             "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}}}
@@ -261,11 +290,12 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         "latents_kept": f"{images.cached} of {len(rows)} images (square: the crop is a no-op)",
         "settings": dataclasses.asdict(lo), "seconds": round(time.time() - started, 1), "loras": state["done"],
     }
-    (work.path / "lora.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if accelerator.is_main_process:
+        (work.path / "lora.json").write_text(json.dumps(summary, indent=2) + "\n")
     work.finish()
     losses = [v["final_loss"] for v in state["done"].values()]
-    print(f"lora: {len(jobs)} LoRA(s) ({lo.mode}) x {lo.steps} steps on {len(rows)} images in "
-          f"{summary['seconds']:.0f} s, final loss {np.mean(losses):.4f} -> {out_dir}")
+    accelerator.print(f"lora: {len(jobs)} LoRA(s) ({lo.mode}) x {lo.steps} steps on {len(rows)} images in "
+                      f"{summary['seconds']:.0f} s, final loss {np.mean(losses):.4f} -> {out_dir}")
     return summary
 
 
@@ -310,12 +340,22 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
         optimizer.load_state_dict(resume["optimizer"])
         start, history = resume["step"], resume["history"]
     for step in range(start, lo.steps):
-        host, dev = _generators((*key, step), accelerator.device)
-        rows = members[sampler.take(step * lo.batch_size, lo.batch_size, host)]
-        latents = run.images.latents(rows, host, dev)
-        context = run.context[run.prompt_of_row[rows]]
-        loss = diffusion.denoising_loss(run.unet, run.noise_scheduler, latents, context, dev)
-        accelerator.backward(loss)
+        loss = torch.zeros((), device=accelerator.device)
+        mine = _mine(lo.batch_size, accelerator)
+        gens = [_generators((*key, step, i), accelerator.device) for i in mine]
+        if mine:
+            rows = members[[int(sampler.take(step * lo.batch_size + i, 1, host)[0])
+                            for i, (host, _) in zip(mine, gens)]]
+            latents, noise, timesteps = _noised(run.images.vae, run.noise_scheduler,
+                                                *run.images.moments(rows, [host for host, _ in gens]),
+                                                [dev for _, dev in gens])
+            losses = diffusion.denoising_losses(run.unet, run.noise_scheduler, latents,
+                                                run.context[run.prompt_of_row[rows]], noise, timesteps)
+            loss = losses.sum() / lo.batch_size  # over the whole batch: the processes' gradients add up to it
+            accelerator.backward(loss)
+        if accelerator.num_processes > 1:
+            loss = loss.detach().clone()
+            _sum_over_processes(accelerator, [_grad(p) for p in params.values()] + [loss])
         accelerator.clip_grad_norm_(list(params.values()), lo.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -458,9 +498,10 @@ class _CroppedImages:
                                                                                 self.resolution)
         return np.asarray(image.resize(size, Image.BILINEAR))
 
-    def latents(self, rows, host: torch.Generator, dev: torch.Generator) -> torch.Tensor:
+    def moments(self, rows, hosts: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of each row's crop; a row's crop is drawn from its own generator."""
         crops = {}
-        for n, i in enumerate(rows):
+        for n, (i, host) in enumerate(zip(rows, hosts)):
             h, w = self.pixels[i].shape[:2]
             if h != w:
                 top = int(torch.randint(h - self.resolution + 1, (1,), generator=host))
@@ -470,11 +511,19 @@ class _CroppedImages:
         square = [i for n, i in enumerate(rows) if n not in crops]
         kept = iter(zip(*self.square.get(square))) if square else iter(())
         moments = [next(fresh) if n in crops else next(kept) for n in range(len(rows))]
-        mean, std = (torch.stack([m[j] for m in moments]) for j in (0, 1))
-        return diffusion.sample_latents(self.vae, mean, std, dev)
+        return tuple(torch.stack([m[j] for m in moments]) for j in (0, 1))
 
 
 # --- sampling and randomness ------------------------------------------------------------------
+
+
+def _noised(vae, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, generators: list) -> tuple:
+    """Latents, noise and timesteps, each sample's drawn from its own device generator."""
+    drawn = []
+    for m, s, generator in zip(mean, std, generators):
+        latent = diffusion.sample_latents(vae, m[None], s[None], generator)
+        drawn.append((latent, *diffusion.sample_noise(noise_scheduler, latent, generator)))
+    return tuple(torch.cat(parts) for parts in zip(*drawn))
 
 
 def _seed_of(*key: int) -> int:
@@ -537,16 +586,33 @@ def _key(cfg: Config, label: str) -> int:
 
 
 def _accelerator(model: ModelConfig):
-    """accelerate's Accelerator for device placement and mixed precision (fp32 on CPU)."""
+    """accelerate's Accelerator for device placement, mixed precision (fp32 on CPU) and processes."""
     from accelerate import Accelerator
 
     device = diffusion.pick_device(model)
     dtype = diffusion.weight_dtype(model, device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
-    if accelerator.num_processes > 1:  # every process would train the whole job and race on the output
-        raise SkinaugError("fine-tuning runs as one process (one GPU); run it without `accelerate launch`")
-    return accelerator, dtype
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision), dtype
+
+
+def _mine(count: int, accelerator) -> range:
+    """The samples (of a batch of `count`) this process computes: a contiguous share, sizes within one."""
+    n, i = accelerator.num_processes, accelerator.process_index
+    return range(i * count // n, (i + 1) * count // n)
+
+
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    """param.grad, zero when this process had no sample this step (its share of the sum is nothing)."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+def _sum_over_processes(accelerator, tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over the processes, in place, in one all-reduce."""
+    flat = accelerator.reduce(torch.cat([t.detach().reshape(-1).float() for t in tensors]), reduction="sum")
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def _place(*modules, device, dtype, model: ModelConfig) -> None:
@@ -579,27 +645,39 @@ class _Work:
     checkpoint, any other run starts it afresh. out_dir itself never holds a partial result.
     """
 
-    def __init__(self, out_dir: Path, fingerprint: dict):
+    def __init__(self, out_dir: Path, fingerprint: dict, accelerator):
+        self.accelerator = accelerator  # only its main process writes; the others wait where it matters
         self.out_dir = Path(out_dir)
         self.path = self.out_dir.parent / f".{self.out_dir.name}.partial"
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
 
     def open(self) -> dict | None:
+        """The checkpoint to resume from (the same for every process), or None after a fresh start."""
         stamp, state = self.path / "fingerprint.json", self.path / "checkpoint.pt"
-        if stamp.is_file() and json.loads(stamp.read_text()) == self.fingerprint and state.is_file():
-            print(f"resuming from {state}")
-            return torch.load(state, weights_only=True)
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        stamp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
-        return None
+        if self.accelerator.is_main_process:
+            if stamp.is_file() and json.loads(stamp.read_text()) == self.fingerprint and state.is_file():
+                print(f"resuming from {state}")
+            else:
+                shutil.rmtree(self.path, ignore_errors=True)
+                self.path.mkdir(parents=True)
+                stamp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
+        return torch.load(state, weights_only=True) if state.is_file() else None
 
     def save(self, state: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
         tmp = self.path / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.path / "checkpoint.pt")
 
     def finish(self) -> None:
+        """Rename the finished work into out_dir; every process returns once it is there."""
+        if self.accelerator.is_main_process:
+            self._rename()
+        self.accelerator.wait_for_everyone()
+
+    def _rename(self) -> None:
         for name in ("checkpoint.pt", "fingerprint.json"):
             (self.path / name).unlink(missing_ok=True)
         old = self.out_dir.with_name(f".{self.out_dir.name}.old")
