@@ -1,0 +1,264 @@
+"""The real pipeline as DVC users drive it (issue 5, points 1 and 5), on a reduced demo.
+
+One module-scoped fixture copies the repository's tracked files (as they are in the working tree)
+into a throwaway git + DVC repository and runs the real `dvc.yaml` twice with `dvc exp run`:
+scenario 1, then scenario 3, shrunk by -S overrides to seconds per stage (two labels, one seed,
+a random tiny base, 2 training and sampling steps, one epoch, two ablation strategies). The tests
+then check, in this order, on that workspace (scenario 3 applied):
+
+- `dvc exp show --json` has one experiment per scenario, with its params and its metrics filled;
+- `dvc repro` on the unchanged workspace runs nothing and touches no output;
+- changing one param makes `dvc status` list only the stages that read it;
+- a `dvc repro` killed mid-generation resumes without retraining the adapters or losing images.
+
+About 5 minutes on 2 CPU cores, all in subprocesses (the venv's `dvc` and `skinaug`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
+RUN_TIMEOUT_S = 420  # one reduced `dvc exp run` (about 2.5 min on 2 cores)
+CMD_TIMEOUT_S = 300  # any other git/dvc command
+KILL_WINDOW_S = 180  # how long the interrupted run may take to write its first images
+
+# The reduced demo: every stage runs, each in seconds. Lists use Hydra's override syntax.
+LABELS = ["prurigo nodularis", "nematode infection"]  # the two smallest labels of Table 1: 188 images
+STRATEGIES = ["txt2img_vanilla", "img2img_ti_lora"]
+OVERRIDES = [
+    "model.tiny_vae_steps=0", "model.tiny_unet_steps=0",  # a random tiny base model
+    "splits.seeds=[0]",
+    "subset.labels=[" + ",".join(f"'{label}'" for label in LABELS) + "]",
+    "world.image_size=32",
+    "textual_inversion.steps=2", "lora.steps=2",
+    "generate.steps=2", "generate.batch_size=8",  # small batches: an interrupted run stops between them
+    "classify.epochs=1",
+    "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
+]
+SCENARIOS = (1, 3)
+OUTPUT_DIRS = ("data", "models", "metrics", "reports")
+
+
+def _env(home: Path) -> dict:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
+    return keep | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `skinaug` of this venv for the stages
+        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+        "DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"), "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "skinaug test", "GIT_AUTHOR_EMAIL": "test@skinaug.invalid",
+        "GIT_COMMITTER_NAME": "skinaug test", "GIT_COMMITTER_EMAIL": "test@skinaug.invalid",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
+        "TORCH_HOME": str(home / "torch"),
+    }
+
+
+class Repo:
+    def __init__(self, path: Path, env: dict):
+        self.path, self.env = path, env
+
+    def run(self, *cmd: str, timeout: float = CMD_TIMEOUT_S, ok: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(cmd), cwd=self.path, env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        if ok and result.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                        f"{result.stderr[-4000:]}")
+        return result
+
+    def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run(*DVC, *args, **kw)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def status(self) -> set[str]:
+        """Names of the stages `dvc status` says changed."""
+        out = json.loads(self.dvc("status", "--json").stdout or "{}")
+        # The paper's metadata (data.dvc, a frozen import) is never fetched by the demo: always "not in cache".
+        if out.get("data.dvc") == [{"changed outs": {"data/fitzpatrick17k.csv": "not in cache"}}]:
+            del out["data.dvc"]
+        return {name.split(":")[-1] for name in out}
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """(mtime_ns, size) of every output file and of dvc.lock."""
+        files = [self.path / "dvc.lock"]
+        for top in OUTPUT_DIRS:
+            files += [p for p in (self.path / top).rglob("*") if p.is_file()]
+        return {str(p.relative_to(self.path)): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> tuple[Repo, dict]:
+    """The reduced demo run as two experiments (scenarios 1 and 3); returns the repo and `dvc exp show --json`."""
+    base = tmp_path_factory.mktemp("pipeline")
+    home, path = base / "home", base / "repo"
+    home.mkdir()
+    path.mkdir()
+    repo = Repo(path, _env(home))
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, text=True,
+                             check=True).stdout.split("\0")
+    for name in filter(None, tracked):  # the working tree's tracked files, uncommitted edits included
+        src = ROOT / name
+        if src.is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, path / name)
+    repo.run("git", "init", "-q")
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-q", "-m", "skinaug")
+    sets = [arg for o in OVERRIDES for arg in ("-S", o)]
+    for scenario in SCENARIOS:
+        repo.dvc("exp", "run", *sets, "-S", f"scenario={scenario}", timeout=RUN_TIMEOUT_S)
+    shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
+    return repo, shown
+
+
+def _experiments(shown) -> list[dict]:
+    """The experiment revisions of `dvc exp show --json` (DVC 3: rows → experiments → revs)."""
+    rows = shown if isinstance(shown, list) else [shown]
+    found = []
+    for row in rows:
+        for exp in row.get("experiments") or []:
+            found += [rev for rev in exp.get("revs") or [] if rev.get("data")]
+    return found
+
+
+def _num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_exp_show_has_one_row_per_scenario_with_metrics(pipeline):
+    _, shown = pipeline
+    rows = {}
+    for rev in _experiments(shown):
+        data = rev["data"]
+        params = data["params"]["params.yaml"]["data"]
+        assert params["profile"] == "demo"
+        assert params["subset"]["labels"] == LABELS and params["splits"]["seeds"] == [0]  # the overrides landed
+        assert params["scenario"] not in rows, f"two experiments of scenario {params['scenario']}"
+        rows[params["scenario"]] = data["metrics"]["reports/metrics.json"]["data"]
+    assert sorted(rows) == list(SCENARIOS)
+    for scenario, metrics in rows.items():
+        assert metrics["scenario"] == scenario
+        for train_type in ("real", "syn", "real_syn"):
+            cell = metrics["resnet18"][train_type]
+            assert _num(cell["accuracy_pct"]) and 0 <= cell["accuracy_pct"] <= 100, (scenario, train_type, cell)
+            assert _num(cell["f1_pct"]), (scenario, train_type, cell)
+
+
+def test_repro_on_unchanged_workspace_does_nothing(pipeline):
+    repo, _ = pipeline
+    assert repo.params()["scenario"] == SCENARIOS[-1]  # the last experiment is applied to the workspace
+    assert repo.status() == set()
+    before = repo.snapshot()
+    out = repo.dvc("repro").stdout
+    assert "Data and pipelines are up to date" in out, out
+    assert "Running stage" not in out, out
+    assert repo.snapshot() == before
+
+
+def _stage_names(repo: Repo) -> set[str]:
+    out = repo.dvc("stage", "list", "--name-only").stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("classify.epochs", 2, {"classify_real@0-resnet18", "classify@0-resnet18-syn", "classify@0-resnet18-real_syn",
+                            *(f"ablation_classify@{s}" for s in STRATEGIES)}),
+    ("generate.guidance", 3.0, {"generate@0", *(f"ablation_generate@{s}" for s in STRATEGIES)}),
+    ("lora.rank", 4, {"lora@0", "ablation_lora"}),
+])
+def test_changing_one_param_changes_only_the_stages_that_read_it(pipeline, key, value, expected):
+    repo, _ = pipeline
+    assert expected <= _stage_names(repo)
+    params_file = repo.path / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    section, name = key.split(".")
+    assert params[section][name] != value
+    params[section][name] = value
+    try:
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert repo.status() == expected
+    finally:
+        params_file.write_text(original)
+    assert repo.status() == set()
+
+
+def test_interrupted_repro_resumes_without_redoing_finished_work(pipeline):
+    repo, _ = pipeline
+    scenario = repo.params()["scenario"]
+    out_dir = repo.path / f"data/synthetic/scenario{scenario}/seed0"
+    images = out_dir / "images"
+    planned = len((out_dir / "manifest.csv").read_text().strip().splitlines()) - 1
+    assert planned >= 40, f"only {planned} images planned: too few batches to stop between"
+    params_file = repo.path / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["generate"]["guidance"] = 3.0  # other images: generate@0 must start over, then be stopped
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    with open(repo.path.parent / "interrupted.log", "w") as log:
+        proc = subprocess.Popen([*DVC, "repro", "generate@0"], cwd=repo.path, env=repo.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline, done = time.monotonic() + KILL_WINDOW_S, 0
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                # images of the old guidance are removed when the stage starts: wait for the new ones
+                fresh = [p for p in images.glob("*.png")] if images.exists() else []
+                if (out_dir / "manifest.csv").exists():
+                    fresh = []
+                done = len(fresh)
+                if planned // 8 <= done < planned * 3 // 4:
+                    break
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    interrupted = (repo.path.parent / "interrupted.log").read_text()
+    if proc.returncode == 0 or (out_dir / "manifest.csv").exists():
+        pytest.skip(f"generate@0 finished before it could be stopped ({done} of {planned} images seen)")
+    assert "starting over" in interrupted, interrupted
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in images.glob("*.png")}
+    if not kept:
+        pytest.skip(f"generate@0 was stopped before it wrote an image ({done} seen)")
+    assert len(kept) < planned
+
+    out = repo.dvc("repro").stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert "generate@0" in ran, out
+    assert not ran & {"world", "subset", "images", "splits@0", "base", "textual_inversion@0", "lora@0",
+                      "ablation_lora"}, out
+    stage = out.split("Running stage 'generate@0'", 1)[1].split("Running stage", 1)[0]
+    assert "starting over" not in stage, stage
+    summary = re.search(r"generate: (\d+) images \((\d+) new\) in ", stage)
+    assert summary, stage
+    assert int(summary.group(1)) == planned
+    assert int(summary.group(2)) <= planned - len(kept)  # the images made before the kill were kept
+    for name, stamp in kept.items():
+        path = images / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == stamp, f"{name} was made again"
+
+    with open(out_dir / "manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))
+    listed = {row["file"] for row in manifest}
+    on_disk = {f"images/{p.name}" for p in images.iterdir()}
+    assert listed == on_disk and len(manifest) == planned
+    assert {float(row["guidance"]) for row in manifest} == {3.0}
+    assert repo.status() == set()
+    assert "Data and pipelines are up to date" in repo.dvc("repro").stdout
