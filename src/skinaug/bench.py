@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, config, prompts
+from skinaug import SkinaugError, atomic, config, diffusion, prompts
 from skinaug.diffusion import SD21_BASE_SCHEDULER
 
 # --- Stable Diffusion 2.1 base, from its configs (unet/, vae/, text_encoder/config.json) ----------
@@ -159,12 +159,6 @@ def ours_config(cfg: config.Config | None, s: Settings, device: torch.device, ba
 
 
 # --- the card --------------------------------------------------------------------------------------
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def card_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -355,7 +349,7 @@ def ours_generation(cfg: config.Config, rows: list[dict], images_dir: Path, devi
     (the labelled different setting) DPM-Solver++ at fast_steps."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from skinaug import diffusion, generate
+    from skinaug import generate
 
     strategy = generate.strategy_of("img2img_vanilla")  # no adapters in either path (benchmarks/README.md)
     start = time.perf_counter()
@@ -805,7 +799,7 @@ def run(out_dir: Path, tiny: bool = False, device: str = "auto", only: tuple[str
     diffusers folder instead of random weights (a real model makes the faster sampler's image
     differences meaningful).
     """
-    dev = pick_device(device)
+    dev = diffusion.pick_device(device)
     s = settings or (TINY if tiny else FULL)
     study = Study.of(cfg)
     unknown = sorted(set(only) - set(WORKLOADS))

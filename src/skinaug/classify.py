@@ -37,7 +37,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic, data
+from skinaug import SkinaugError, atomic, data, diffusion
 from skinaug.config import Config
 
 ARCHS = ("vgg16", "resnet18", "vit_b_16")
@@ -375,12 +375,6 @@ def score(y_true, y_pred, labels: list[str], fitzpatrick_scale) -> dict:
 
 # --- wiring --------------------------------------------------------------------------------
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[str, Path], arch: str,
         train_type: str, cfg: Config, seed: int) -> list[dict]:
     """Train one classifier on split_dir/train.csv (+ synthetic images), test it on each
@@ -394,7 +388,7 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     leaked = set(train_items.md5hash) & set().union(*(set(rows.md5hash) for rows in tests_rows.values()))
     if leaked:
         raise SkinaugError(f"{len(leaked)} test image(s) (or their synthetic offspring) are in training, e.g. {min(leaked)}")
-    device = pick_device(cfg.model.device)
+    device = diffusion.pick_device(cfg.model.device)
     torch.manual_seed(seed)  # head initialisation and dropout
     model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size).to(device)
     train = load_set(train_items, labels, ccfg.image_size, device)

@@ -131,12 +131,14 @@ def _link_or_copy(src, dst):
 # --- loading -------------------------------------------------------------------------------
 
 
-def pick_device(model: ModelConfig) -> torch.device:
-    if model.device == "cuda" and not torch.cuda.is_available():
-        raise SkinaugError("model.device is cuda but no CUDA device is visible; set model.device: auto or cpu")
-    if model.device == "auto":
+def pick_device(setting: str) -> torch.device:
+    """"auto", "cpu" or "cuda" (model.device, or bench's --device) -> the torch device."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise SkinaugError("device cuda asked for but no CUDA device is visible; set model.device (or --device) "
+                           "to auto or cpu")
+    if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(model.device)
+    return torch.device(setting)
 
 
 def weight_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:

@@ -589,7 +589,7 @@ def _accelerator(model: ModelConfig):
     """accelerate's Accelerator for device placement, mixed precision (fp32 on CPU) and processes."""
     from accelerate import Accelerator
 
-    device = diffusion.pick_device(model)
+    device = diffusion.pick_device(model.device)
     dtype = diffusion.weight_dtype(model, device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision), dtype

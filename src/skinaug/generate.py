@@ -112,7 +112,7 @@ def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, c
     loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan) if s.lora else {}
     if s.img2img:
         _check_sources(plan, Path(images_dir))
-    device = diffusion.pick_device(cfg.model)
+    device = diffusion.pick_device(cfg.model.device)
     if state is None:
         from accelerate import PartialState
 
