@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, config, diffusion, prompts
+from skinaug import atomic, config, diffusion, prompts
 from skinaug.diffusion import SD21_BASE_SCHEDULER
 
 # --- Stable Diffusion 2.1 base, from its configs (unet/, vae/, text_encoder/config.json) ----------
