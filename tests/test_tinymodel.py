@@ -26,3 +26,21 @@ def test_pretraining_is_deterministic_for_a_seed(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
         (random / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(tmp_path):
+    """Encoder noise far below the latents' spread (else every `sample()` blurs the lesions away)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    base = tinymodel.pretrain(tmp_path / "base", seed=0, resolution=32, corpus_size=64, vae_steps=2, unet_steps=1,
+                              batch_size=4)
+    pixels, _, _ = world.web_corpus(8, seed=1, size=32)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    with torch.no_grad():
+        posterior = vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist
+    assert posterior.std.max() < 0.02 * posterior.mean.std()
+    scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"

@@ -17,6 +17,7 @@ import torch
 from skinaug import prompts
 
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
+PRETRAINED_PREDICTION = "v_prediction"  # the pretrained demo base (see `pretrain`); `build` keeps epsilon
 
 
 def build(out_dir: Path, seed: int = 0, resolution: int = 32, extra_words: set[str] | None = None) -> Path:
@@ -36,8 +37,12 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     First the autoencoder (reconstruction + a small KL term, like SD's KL-f autoencoder),
     then the UNet and text encoder together on its latents with the captions (10 % of
     captions dropped, so classifier-free guidance has an unconditional model to contrast).
+    The UNet learns v-prediction, as SD 2.1 (768) does: with SD 2.1 base's epsilon target a
+    few hundred CPU steps learn to ignore the caption (at high noise, eps ~ x_t already gives
+    a low loss whatever the skin tone), and generations come out one mean tone whatever the
+    prompt asks; the v target is mostly the clean image there, so tone words must be read.
     Seeded and single-process, so the same arguments give the same weights bit for bit
-    on the same machine and torch version. About 3-4 minutes on 2 CPU cores at the demo sizes.
+    on the same machine and torch version. About 4.5 minutes on 2 CPU cores at the demo sizes.
     """
     from tqdm import tqdm
 
@@ -52,17 +57,7 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     generator = torch.Generator().manual_seed(seed)
 
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    bar = tqdm(range(vae_steps), desc="pretrain autoencoder", mininterval=2)
-    for _ in bar:
-        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
-        loss = torch.nn.functional.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    _pretrain_autoencoder(vae, images, vae_steps, generator)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         moments = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
@@ -73,7 +68,7 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
                     truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
-    noise_scheduler = _training_noise()
+    noise_scheduler = _training_noise(PRETRAINED_PREDICTION)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
     bar = tqdm(range(unet_steps), desc="pretrain unet + text encoder", mininterval=2)
@@ -87,27 +82,71 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    _save(out_dir, unet.eval(), vae, text_encoder.eval(), tokenizer)
+    _save(out_dir, unet.eval(), vae, text_encoder.eval(), tokenizer, PRETRAINED_PREDICTION)
     return out_dir
 
 
-def _save(out_dir: Path, unet, vae, text_encoder, tokenizer) -> None:
+def _pretrain_autoencoder(vae, images: torch.Tensor, steps: int, generator: torch.Generator,
+                          crop: int = 16, batch_size: int = 64, lr: float = 3e-3) -> None:
+    """Train the KL autoencoder on random crops (it is convolutional; SD's trained on 256 px crops).
+
+    An L1 reconstruction keeps the lesions' edges (MSE blurs them first), plus SD's small KL
+    term; a one-cycle learning rate. A half-size crop costs a quarter of the whole image, so
+    the few minutes allowed buy enough steps to reconstruct marks the corpus never showed.
+    """
+    from tqdm import tqdm
+
+    _start_nearly_deterministic(vae)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    size = images.shape[-1]
+    crop = min(crop, size)
+    bar = tqdm(range(steps), desc="pretrain autoencoder", mininterval=2)
+    for _ in bar:
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        top, left = torch.randint(0, size - crop + 1, (2,), generator=generator).tolist()
+        batch = batch[:, :, top:top + crop, left:left + crop]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = torch.nn.functional.l1_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def _start_nearly_deterministic(vae, log_variance: float = -12.0) -> None:
+    """Start the encoder's posterior log-variance where SD's trained KL-f autoencoder has it: tiny.
+
+    Fresh, the posterior std is about 1, as wide as the latents themselves, and a few hundred
+    Adam steps at lr 1e-3 move the log-variance by a few tenths only. Every `latent_dist.sample()`
+    downstream (textual inversion, LoRA, img2img's encoding of the source) would then drown the
+    lesion in encoder noise the UNet never saw in pretraining (it learns on posterior means).
+    """
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = log_variance
+
+
+def _save(out_dir: Path, unet, vae, text_encoder, tokenizer, prediction_type: str = "epsilon") -> None:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _remove_tree(out_dir / "_tokenizer_src")
 
 
-def _training_noise():
+def _training_noise(prediction_type: str):
     from diffusers import DDPMScheduler
 
     from skinaug.diffusion import SD21_BASE_SCHEDULER
 
-    return DDPMScheduler.from_config(SD21_BASE_SCHEDULER)
+    return DDPMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type)
 
 
 def _models(vocab_size: int, resolution: int):
@@ -146,12 +185,12 @@ def _models(vocab_size: int, resolution: int):
     return unet, vae, text_encoder
 
 
-def _scheduler():
+def _scheduler(prediction_type: str):
     from diffusers import PNDMScheduler
 
     from skinaug.diffusion import SD21_BASE_SCHEDULER
 
-    return PNDMScheduler.from_config(SD21_BASE_SCHEDULER)
+    return PNDMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type)
 
 
 def make_tokenizer(folder: Path, extra_words: set[str] | None = None):
