@@ -177,3 +177,17 @@ def test_no_metrics_is_a_clear_error(tmp_path):
     (tmp_path / "metrics").mkdir()
     with pytest.raises(SkinaugError, match="no classifier metrics"):
         report.build_report(tmp_path / "metrics", tmp_path / "out", config.load(ROOT / "params.yaml"))
+
+
+def test_tone_section_carries_the_summary_rows_and_links_the_figure(study, tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    atomic.write_json(metrics_dir / "scenario1" / "seed0" / "resnet18_real.json",
+                      record(study["template"], arch="resnet18", train_type="real", accuracy_pct=12.5))
+    tone_dir = tmp_path / "reports" / "tone"
+    atomic.write_csv(tone_dir / "tone_summary.csv", pd.DataFrame(
+        {"group": ["real dark", "synthetic"], "fitzpatrick_scale": [6, 6], "n": [3, 4], "ita_median": [-69.3, -51.8]}))
+    report.build_report(metrics_dir, tmp_path / "reports", small_cfg(), tone_dir=tone_dir)
+    text = (tmp_path / "reports" / "results.md").read_text()
+    assert "| synthetic | 6 | 4 | -51.8 |" in text and "](tone/tone.png)" in text
+    with pytest.raises(SkinaugError, match="run `skinaug tone`"):
+        report.build_report(metrics_dir, tmp_path / "out", small_cfg(), tone_dir=tmp_path / "nothing")

@@ -18,6 +18,7 @@ paired_difference.csv, accuracy_by_skin_type.csv, ablation.csv, metrics.json (he
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -388,8 +389,20 @@ def _suffix(selection: str, primary: str) -> str:
     return "" if selection == primary else f"_{selection}"
 
 
+def _tone_section(tone_dir: Path, out_dir: Path) -> str:
+    """The skin-tone check (`skinaug tone`): its summary rows and its figure, linked from results.md."""
+    summary = tone_dir / "tone_summary.csv"
+    if not summary.is_file():
+        raise SkinaugError(f"no {summary}: run `skinaug tone` (the tone stage) before the report")
+    figure = Path(os.path.relpath(tone_dir / "tone.png", out_dir)).as_posix()
+    return ("\n## Skin tone of real and synthetic images\n\n"
+            "ITA of the skin (degrees; lower is darker) per group and Fitzpatrick type; synthetic images are "
+            "grouped by the type their prompt asked for. `in_band_pct`: share within that type's ITA band.\n\n"
+            + markdown(pd.read_csv(summary)) + f"\n\n![Skin tone of real and synthetic images]({figure})\n")
+
+
 def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path | None = None,
-                 images_dir: Path | None = None, syn_dir: Path | None = None) -> dict:
+                 images_dir: Path | None = None, syn_dir: Path | None = None, tone_dir: Path | None = None) -> dict:
     """Write every table and figure into out_dir; return the headline metrics."""
     out_dir = Path(out_dir)
     main, ablation = load_metrics(metrics_dir)
@@ -435,6 +448,8 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
             raise SkinaugError("the real-vs-synthetic figure needs --split-dir, --images-dir and --syn-dir together")
         pairs_figure(split_dir, images_dir, syn_dir, cfg.subset.labels, out_dir / "figures" / "real_vs_synthetic.png")
         text.append("\n![Real training images beside their synthetic versions](figures/real_vs_synthetic.png)\n")
+    if tone_dir is not None:
+        text.append(_tone_section(Path(tone_dir), out_dir))
 
     atomic.write_text(out_dir / "results.md", "\n".join(text))
     atomic.write_csv(out_dir / "summary.csv", summary)
