@@ -39,3 +39,29 @@ def test_estimator_ignores_a_dark_lesion_on_light_skin():
 def test_tone_classes_and_bands():
     assert tone.ita_class(60) == "very light" and tone.ita_class(-40) == "dark"
     assert tone.in_expected_band(-45, 6) and not tone.in_expected_band(50, 6)
+
+
+def test_report_keeps_synthetic_images_of_light_and_dark_sources_apart(tmp_path):
+    """Dark sources keep their own type, so they would flatter the check if pooled with the darkened light ones."""
+    import pandas as pd
+    from PIL import Image
+
+    images, syn = tmp_path / "images", tmp_path / "syn"
+    images.mkdir(), syn.mkdir()
+    real = [("a" * 32, 1, (72, 5, 16)), ("b" * 32, 6, (30, 8, 14))]
+    for md5hash, _, lab in real:
+        Image.fromarray(_patch(*lab)).save(images / f"{md5hash}.jpg")
+    for split in ("train", "test"):
+        pd.DataFrame([(m, "psoriasis", f) for m, f, _ in real],
+                     columns=["md5hash", "label", "fitzpatrick_scale"]).to_csv(tmp_path / f"{split}.csv", index=False)
+    made = [("x.png", "a" * 32, 1, 6, (28, 8, 14)), ("y.png", "b" * 32, 6, 6, (29, 8, 14))]
+    for file, _, _, _, lab in made:
+        Image.fromarray(_patch(*lab)).save(syn / file)
+    pd.DataFrame([m[:4] for m in made], columns=["file", "source_md5hash", "source_fitzpatrick_scale",
+                                                 "fitzpatrick_scale"]).assign(label="psoriasis").to_csv(
+        syn / "manifest.csv", index=False)
+    summary = tone.write_tone_report(tmp_path, images, syn, tmp_path / "out", light=[1, 2])
+    rows = summary.set_index("group")
+    assert set(rows.index) == set(tone.GROUPS)
+    assert rows.loc["synthetic from light", "n"] == 1 and rows.loc["synthetic from light", "ita_median"] < -30
+    assert (tmp_path / "out" / "tone.png").stat().st_size > 0

@@ -21,6 +21,7 @@ from skinaug import SkinaugError, atomic, data
 # Chardon's ITA classes, and the band we expect for each Fitzpatrick type (lower, upper).
 ITA_CLASSES = [(55, "very light"), (41, "light"), (28, "intermediate"), (10, "tan"), (-30, "brown"), (-90, "dark")]
 EXPECTED_ITA = {1: (41, 90), 2: (28, 55), 3: (10, 41), 4: (-30, 28), 5: (-60, 10), 6: (-90, -30)}
+GROUPS = ("real light", "real dark", "synthetic from light", "synthetic from dark")  # from light: the method's work
 SKIN_SHARE = 0.5  # share of pixels, nearest the dominant colour, taken as skin
 
 
@@ -74,7 +75,7 @@ def measure(paths: list[Path]) -> np.ndarray:
 
 
 def tone_table(split_dir: Path, images_dir: Path, syn_dir: Path | None, light: list[int]) -> pd.DataFrame:
-    """One row per image: group (real light, real dark, synthetic), fitzpatrick_scale, ITA."""
+    """One row per image: group (GROUPS; synthetic by its source's type), fitzpatrick_scale, ITA."""
     rows = []
     for split in ("train", "test"):
         df = data.read_table(Path(split_dir) / f"{split}.csv")
@@ -87,9 +88,11 @@ def tone_table(split_dir: Path, images_dir: Path, syn_dir: Path | None, light: l
         manifest = data.read_table(Path(syn_dir) / "manifest.csv")
         values = measure([Path(syn_dir) / f for f in manifest.file])
         for (_, row), value in zip(manifest.iterrows(), values):
-            rows.append({"group": "synthetic", "split": "train", "md5hash": row.file, "label": row.label,
+            source = int(row.source_fitzpatrick_scale)
+            rows.append({"group": "synthetic from light" if source in light else "synthetic from dark",
+                         "split": "train", "md5hash": row.file, "label": row.label,
                          "fitzpatrick_scale": int(row.fitzpatrick_scale), "ita": value,
-                         "source_fitzpatrick_scale": int(row.source_fitzpatrick_scale)})
+                         "source_fitzpatrick_scale": source})
     table = pd.DataFrame(rows).drop_duplicates(subset=["group", "md5hash"])
     table["in_band"] = [in_expected_band(v, s) for v, s in zip(table.ita, table.fitzpatrick_scale)]
     return table
@@ -114,14 +117,14 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(g, s) for g in ("real light", "real dark", "synthetic")
+    groups = [(g, s) for g in GROUPS
               for s in sorted(table.loc[table.group == g, "fitzpatrick_scale"].unique())]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 4))
     ax.boxplot([table.loc[(table.group == g) & (table.fitzpatrick_scale == s), "ita"] for g, s in groups],
                showfliers=False)
     ax.set_xticks(range(1, len(groups) + 1), [f"{g}\nFST {s}" for g, s in groups], fontsize=8)
     ax.set_ylabel("skin ITA (degrees; lower = darker)")
-    ax.set_title("Skin tone of real and synthetic images (synthetic: by requested type)")
+    ax.set_title("Skin tone of real and synthetic images (synthetic: by requested type)", fontsize=10)
     ax.axhline(10, color="grey", lw=0.5, ls="--")
     ax.axhline(-30, color="grey", lw=0.5, ls="--")
     fig.tight_layout()
