@@ -396,8 +396,10 @@ def _tone_section(tone_dir: Path, out_dir: Path) -> str:
         raise SkinaugError(f"no {summary}: run `skinaug tone` (the tone stage) before the report")
     figure = Path(os.path.relpath(tone_dir / "tone.png", out_dir)).as_posix()
     return ("\n## Skin tone of real and synthetic images\n\n"
-            "ITA of the skin (degrees; lower is darker) per group and Fitzpatrick type; synthetic images are "
-            "grouped by the type their prompt asked for. `in_band_pct`: share within that type's ITA band.\n\n"
+            "ITA of the skin (degrees; lower is darker) per group and Fitzpatrick type. Synthetic images are "
+            "listed by the type their prompt asked for, those made from light sources (the method's work) "
+            "apart from those of dark sources (which keep their own type). `in_band_pct`: share within that "
+            "type's ITA band.\n\n"
             + markdown(pd.read_csv(summary)) + f"\n\n![Skin tone of real and synthetic images]({figure})\n")
 
 
