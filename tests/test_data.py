@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, cli, config, data, world
+from skinaug import SkinaugError, atomic, cli, config, data, world
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED_MD5 = "75556ecbd0bd6227050112565c24b991"  # SPEC §1, data.dvc
@@ -57,14 +57,14 @@ def test_tampered_metadata_is_refused(fitz_csv, tmp_path):
     with pytest.raises(SkinaugError) as err:
         data.load_metadata(copy, PINNED_MD5)
     message = str(err.value)
-    assert PINNED_MD5 in message and data._md5(copy) in message and "dvc update data.dvc" in message
+    assert PINNED_MD5 in message and atomic.file_hash(copy, "md5") in message and "dvc update data.dvc" in message
 
 
 # --- metadata checks without the real file ------------------------------------------
 
 def test_load_metadata_checks_md5_and_columns(world_dir, tmp_path):
     path = world_dir / "metadata.csv"
-    good = data._md5(path)
+    good = atomic.file_hash(path, "md5")
     assert len(data.load_metadata(path, good)) == 1631
     with pytest.raises(SkinaugError, match="expected 0{32}"):
         data.load_metadata(path, "0" * 32)

@@ -13,7 +13,6 @@ type, so every later stage sees the study's sizes either way. `images` copies fr
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 import time
@@ -45,7 +44,7 @@ def load_metadata(path: str | Path, md5: str | None) -> pd.DataFrame:
     if not path.exists():
         raise SkinaugError(f"{path} not found; fetch the pinned metadata with `dvc update data.dvc`")
     if md5 is not None:
-        actual = _md5(path)
+        actual = atomic.file_hash(path, "md5")
         if actual != md5:
             raise SkinaugError(
                 f"{path} has md5 {actual}, expected {md5} (data.metadata_md5): not the pinned file. "
@@ -82,14 +81,6 @@ def table1(subset_df: pd.DataFrame, title: str | None = None) -> str:
     rows += [[label, *(str(int(v)) for v in row), str(int(row.sum()))] for label, row in counts.iterrows()]
     rows.append(["total", *(str(int(v)) for v in counts.sum()), str(len(subset_df))])
     return f"{title}; {len(subset_df)} in all.\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in rows)
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- images: local folder or download ----------------------------------------------

@@ -10,7 +10,6 @@ The folder appears whole or not at all (built beside it, then renamed).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinaug import SkinaugError, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, data, diffusion, prompts
 from skinaug.config import GenerateConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name for load_lora_weights
@@ -55,7 +54,7 @@ def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path
             settings={"textual inversion (ti.json)": _settings(Path(ti_dir) / "ti.json"),
                       "LoRA (lora.json)": lora_settings},
             use_tokens=lora_settings.get("tokens", True) is not False,  # finetune records whether prompts named them
-            files={p.relative_to(tmp).as_posix(): (sha256(p), p.stat().st_size) for p in copied},
+            files={p.relative_to(tmp).as_posix(): (atomic.file_hash(p), p.stat().st_size) for p in copied},
             generate=generate, resolution=resolution, data_source=data_source,
         )
         (tmp / "README.md").write_text(card)
@@ -98,7 +97,7 @@ def split_summary(train_csv: Path) -> dict:
     df = data.read_table(train_csv)
     counts = pd.crosstab(df["label"], df["fitzpatrick_scale"], margins=True, margins_name="total")
     counts.columns = [f"FST {c}" if c != "total" else c for c in counts.columns]
-    return {"path": str(train_csv), "size": len(df), "sha256": sha256(train_csv), "counts": counts}
+    return {"path": str(train_csv), "size": len(df), "sha256": atomic.file_hash(train_csv), "counts": counts}
 
 
 def model_card(*, bundle: Path, tokens: list[tuple[str, str]], lora_names: list[str], base: dict,
@@ -197,14 +196,6 @@ def _licence(data_source: str) -> list[str]:
             "The base model, Stable Diffusion 2.1 base, is not included; it comes under its own licence "
             "(CreativeML Open RAIL++-M), which applies to anything generated with it.",
             "", "Research use only; synthetic images are not for diagnosis."]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _missing(what: str, folder: Path, stage: str, seed: int, scenario: int) -> str:

@@ -36,7 +36,6 @@ encodes each distinct prompt once (the text encoder is frozen). Attention uses P
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -50,7 +49,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skinaug import SkinaugError, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, data, diffusion, prompts
 from skinaug.config import Config, ModelConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
@@ -251,7 +250,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         jobs = [(label, np.flatnonzero(rows.label.to_numpy() == label)) for label in labels]
 
     work = _Work(out_dir, _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
-                                       ti=sorted(_sha256(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
+                                       ti=sorted(atomic.file_hash(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
                                        else None), accelerator)
     state = work.open() or {"job": 0, "done": {}}
     every = checkpoint_every or lo.checkpoint_every
@@ -626,15 +625,11 @@ def _place(*modules, device, dtype, model: ModelConfig) -> None:
             module.to(memory_format=torch.channels_last)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: Path, **extra) -> dict:
     """What a checkpoint must match to be resumed: settings, seed, split and base model."""
     section = cfg.textual_inversion if stage == "textual_inversion" else cfg.lora
     return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
-            "model": dataclasses.asdict(cfg.model), "train_csv": _sha256(train_csv),
+            "model": dataclasses.asdict(cfg.model), "train_csv": atomic.file_hash(train_csv),
             "base": diffusion.base_info(base_dir), **extra}
 
 
