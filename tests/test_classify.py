@@ -259,6 +259,16 @@ def test_one_training_run_scores_several_test_sets(tmp_path):
     assert (first["test_name"], second["test_name"]) == ("test", "flex_dark")
     assert first["curve"] == second["curve"] and (first["n_test"], second["n_test"]) == (len(test), 4)
     assert json.loads(outputs["flex_dark"].read_text())["n_test"] == 4
+    assert first["scenario"] == small_cfg().scenario  # no split.json: the params' scenario
+
+
+def test_records_the_scenario_its_split_was_written_for(tmp_path):
+    study = write_study(tmp_path)
+    (study["split_dir"] / "split.json").write_text(json.dumps({"scenario": 1, "seed": 0}))
+    cfg = config.replace(small_cfg(), scenario=2)  # e.g. the ablation's scenario 1 split in a scenario 2 study
+    (record,) = classify.run(study["split_dir"], study["images_dir"], None, {"test": tmp_path / "m.json"},
+                             "resnet18", "real", cfg, seed=0)
+    assert record["scenario"] == 1
 
 
 def test_run_refuses_a_test_image_in_training(tmp_path):

@@ -54,13 +54,13 @@ def write_metrics(metrics_dir: Path, template: dict, scenario: int = 1, selectio
                 atomic.write_json(metrics_dir / f"scenario{scenario}" / f"seed{seed}" / f"{arch}_{train_type}.json", rec)
 
 
-def write_ablation(metrics_dir: Path, template: dict) -> None:
+def write_ablation(metrics_dir: Path, template: dict, folder: str = "scenario1/ablation") -> None:
     sel = {"rule": "last", "label": classify.SELECTION_LABELS["last"], "honest": True}
     for i, strategy in enumerate(report.PAPER_ABLATION):
         for test_name, acc in (("flex_light", 20.0 + i), ("flex_dark", 40.0 + 2 * i)):
             rec = record(template, seed=0, arch="vgg16", train_type="syn", test_name=test_name, selection=sel,
                          accuracy_pct=acc)
-            atomic.write_json(metrics_dir / "scenario1" / "ablation" / f"{strategy}_{test_name}.json", rec)
+            atomic.write_json(metrics_dir / folder / f"{strategy}_{test_name}.json", rec)
 
 
 def tables(markdown: str) -> list[list[list[str]]]:
@@ -156,6 +156,18 @@ def test_cli_report(study, tmp_path):
     assert result.exit_code == 0, result.output
     assert "vgg16 real 60.00%" in result.output
     assert (tmp_path / "out" / "results.md").exists() and not (tmp_path / "out" / "figures" / "real_vs_synthetic.png").exists()
+
+
+def test_ablation_from_its_own_folder_beside_another_scenario(study, tmp_path):
+    metrics = tmp_path / "metrics"
+    write_metrics(metrics, study["template"], scenario=2)
+    write_ablation(metrics, study["template"], folder="ablation")  # dvc.yaml: metrics/ablation, always scenario 1
+    head = report.build_report(metrics / "scenario2", tmp_path / "out", config.replace(small_cfg(), scenario=2),
+                               ablation_dir=metrics / "ablation")
+    assert head["scenario"] == 2
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "## Ablation (Table 5): scenario 1" in text and "## Scenario 2" in text
+    assert len(pd.read_csv(tmp_path / "out" / "ablation.csv")) == len(report.PAPER_ABLATION)
 
 
 def test_one_seed_and_missing_runs_are_marked_not_blank(study, tmp_path):

@@ -131,7 +131,10 @@ def test_write_splits(world_dir, world_subset, repo_cfg, tmp_path):
     out = tmp_path / "scenario2" / "seed1111"
     sizes = splits.write_splits(subset_csv, out, 2, 1111, repo_cfg.splits, None)
     assert sizes == {"train": 1284, "test": 291, "flex_light": 56, "flex_dark": 56}
-    assert sorted(p.name for p in out.iterdir()) == ["flex_dark.csv", "flex_light.csv", "test.csv", "train.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["flex_dark.csv", "flex_light.csv", "split.json", "test.csv",
+                                                     "train.csv"]
+    assert splits.split_scenario(out, default=1) == 2  # what is trained on it knows its scenario
+    assert splits.split_scenario(tmp_path, default=3) == 3  # a hand-made split: the caller's
     back = pd.read_csv(out / "test.csv", dtype={"md5hash": str})
     expected = splits.scenario_splits(world_subset, 2, 1111, repo_cfg.splits)["test"]
     assert back["md5hash"].tolist() == expected["md5hash"].tolist()

@@ -37,7 +37,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic, data, diffusion
+from skinaug import SkinaugError, atomic, data, diffusion, splits
 from skinaug.config import Config
 
 ARCHS = ("vgg16", "resnet18", "vit_b_16")
@@ -396,10 +396,11 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     tests = [load_set(real_items(rows, images_dir), labels, ccfg.image_size, device) for rows in tests_rows.values()]
     curve, chosen, preds = fit(model, train, val, tests, cfg, seed, desc=f"{arch} {train_type} seed {seed}")
     kinds = train.table.kind.value_counts()
+    scenario = splits.split_scenario(split_dir, cfg.scenario)
     records = []
     for (test_name, out_json), test, test_preds in zip(outputs.items(), tests, preds):
         record = {
-            "scenario": cfg.scenario, "seed": seed, "arch": arch, "train_type": train_type, "test_name": test_name,
+            "scenario": scenario, "seed": seed, "arch": arch, "train_type": train_type, "test_name": test_name,
             "selection": {"rule": ccfg.selection, "label": SELECTION_LABELS[ccfg.selection],
                           "honest": ccfg.selection != "test_reference"},
             "chosen_epoch": chosen, "epochs": ccfg.epochs, "pretrained": ccfg.pretrained,

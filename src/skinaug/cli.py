@@ -210,15 +210,16 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
 @click.option("--images-dir", type=ExistingPath, default=None, help="Real images ({md5hash}.jpg), for that figure.")
 @click.option("--syn-dir", type=ExistingPath, default=None, help="That seed's synthetic images with manifest.csv.")
 @click.option("--tone-dir", type=ExistingPath, default=None, help="`skinaug tone` output, for the skin-tone section.")
+@click.option("--ablation-dir", type=ExistingPath, default=None, help="The ablation's metrics, if not under METRICS_DIR.")
 @click.pass_context
 def report(ctx, metrics_dir: Path, out_dir: Path, split_dir: Path | None, images_dir: Path | None,
-           syn_dir: Path | None, tone_dir: Path | None) -> None:
+           syn_dir: Path | None, tone_dir: Path | None, ablation_dir: Path | None) -> None:
     """Aggregate metrics over seeds into the paper's tables and figures (OUT_DIR/results.md, figures/)."""
     from skinaug import report as report_mod
 
     cfg = _cfg(ctx)
     head = report_mod.build_report(metrics_dir, out_dir, cfg, split_dir=split_dir, images_dir=images_dir, syn_dir=syn_dir,
-                                 tone_dir=tone_dir)
+                                 tone_dir=tone_dir, ablation_dir=ablation_dir)
     click.echo(f"report: {out_dir / 'results.md'}; scenario {head['scenario']} ({head['selection']}): "
                + ", ".join(f"{a} {t} {v['accuracy_pct']:.2f}%" for a, d in head.items() if isinstance(d, dict)
                            for t, v in d.items()))

@@ -1,11 +1,11 @@
 """Metrics files -> the paper's tables and figures, ours beside the paper's (SPEC §5–7).
 
-    skinaug report metrics reports --split-dir data/splits/scenario1/seed0 \
-        --images-dir data/images --syn-dir data/syn/scenario1/seed0
+    skinaug report metrics/scenario1 reports --ablation-dir metrics/ablation \
+        --split-dir data/splits/scenario1/seed0 --images-dir data/images --syn-dir data/syn/scenario1/seed0
 
-Reads every classifier JSON under metrics_dir:
-    scenario{S}/seed{seed}/{arch}_{train_type}.json    the main study (Tables 2–4)
-    scenario{S}/ablation/{strategy}_{test_name}.json   the ablation (Table 5)
+Reads every classifier JSON under metrics_dir (and the ablation dir):
+    seed{seed}/{arch}_{train_type}.json     the main study (Tables 2–4)
+    ablation/{strategy}_{test_name}.json    the ablation (Table 5)
 "ours" is the mean ± sample standard deviation (ddof=1, as pandas; blank in CSV for one seed)
 over seeds; "paper (reported)" the means printed in the paper. Results selected with the
 reference rule (lowest TEST loss) get their own section and file names; they never enter the
@@ -71,10 +71,10 @@ def paper_accuracy(scenario: int, arch: str, train_type: str) -> float:
 
 # --- reading and aggregating ---------------------------------------------------------------
 
-def load_metrics(metrics_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_metrics(*metrics_dirs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(main study, ablation): one row per classifier JSON, its record kept in column `record`."""
     main, ablation = [], []
-    for path in sorted(Path(metrics_dir).rglob("*.json")):
+    for path in sorted(p for d in metrics_dirs for p in Path(d).rglob("*.json")):
         rec = json.loads(path.read_text())
         if not isinstance(rec, dict) or "confusion_matrix" not in rec:
             continue  # not a classifier's metrics (e.g. a headline metrics.json)
@@ -404,10 +404,11 @@ def _tone_section(tone_dir: Path, out_dir: Path) -> str:
 
 
 def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path | None = None,
-                 images_dir: Path | None = None, syn_dir: Path | None = None, tone_dir: Path | None = None) -> dict:
+                 images_dir: Path | None = None, syn_dir: Path | None = None, tone_dir: Path | None = None,
+                 ablation_dir: Path | None = None) -> dict:
     """Write every table and figure into out_dir; return the headline metrics."""
     out_dir = Path(out_dir)
-    main, ablation = load_metrics(metrics_dir)
+    main, ablation = load_metrics(metrics_dir, *([ablation_dir] if ablation_dir is not None else []))
     if main.empty and ablation.empty:
         raise SkinaugError(f"no classifier metrics under {metrics_dir}: run the classify stages first")
     summary, paired = summarise(main), paired_difference(main)

@@ -10,6 +10,7 @@ Every frame keeps the subset's columns and CSV row order.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,11 @@ def duplicate_groups(subset_df: pd.DataFrame, images_dir: str | Path) -> pd.Seri
 
 def write_splits(subset_csv: Path, out_dir: Path, scenario: int, seed: int, cfg: SplitsConfig,
                  sampling: str | None = None, images_dir: Path | None = None) -> dict[str, int]:
-    """Write out_dir/{train,test,flex_light,flex_dark}.csv atomically; return their sizes."""
+    """Write out_dir/{train,test,flex_light,flex_dark}.csv and split.json atomically; return their sizes.
+
+    split.json names the scenario and seed, so what is trained on the split records where it came
+    from (the ablation's scenario 1 split sits beside a study of another scenario).
+    """
     from skinaug import data
 
     df = data.load_metadata(subset_csv, None)
@@ -138,7 +143,16 @@ def write_splits(subset_csv: Path, out_dir: Path, scenario: int, seed: int, cfg:
     parts = scenario_splits(df, scenario, seed, cfg, sampling, groups)
     for name, frame in parts.items():
         atomic.write_csv(Path(out_dir) / f"{name}.csv", frame)
+    atomic.write_json(Path(out_dir) / "split.json", {"scenario": scenario, "seed": seed})
     return {name: len(frame) for name, frame in parts.items()}
+
+
+def split_scenario(split_dir: Path, default: int) -> int:
+    """The scenario a split folder was written for (its split.json), or `default` for a hand-made one."""
+    path = Path(split_dir) / "split.json"
+    if not path.exists():
+        return default
+    return int(json.loads(path.read_text())["scenario"])
 
 
 def _need(rows: pd.DataFrame, keys: list[str], cells: list[tuple], n: int, group: str) -> None:
