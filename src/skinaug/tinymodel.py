@@ -18,6 +18,7 @@ from skinaug import prompts
 
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 PRETRAINED_PREDICTION = "v_prediction"  # the pretrained demo base (see `pretrain`); `build` keeps epsilon
+NOISE_OFFSET = 0.5  # offset noise in pretraining (see `pretrain`)
 
 
 def build(out_dir: Path, seed: int = 0, resolution: int = 32, extra_words: set[str] | None = None) -> Path:
@@ -41,6 +42,12 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     few hundred CPU steps learn to ignore the caption (at high noise, eps ~ x_t already gives
     a low loss whatever the skin tone), and generations come out one mean tone whatever the
     prompt asks; the v target is mostly the clean image there, so tone words must be read.
+    The noise carries an offset per image and channel (NOISE_OFFSET x a Gaussian, the "offset
+    noise" of Guttenberg 2023 that lets SD fine-tunes make very dark or light images): with
+    plain noise the skin tone is the one thing img2img's noised source still shows plainly at
+    strength 0.5, the model learns to copy it, and light sources stay light whatever the prompt
+    asks; with the offset, the overall colour of a noised image is not to be trusted, and the
+    caption's tone words decide it.
     Seeded and single-process, so the same arguments give the same weights bit for bit
     on the same machine and torch version. About 4.5 minutes on 2 CPU cores at the demo sizes.
     """
@@ -76,7 +83,10 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
         index = torch.randint(0, len(images), (batch_size,), generator=generator)
         latents = moments[index] * vae.config.scaling_factor
         batch_ids = torch.where(torch.rand(batch_size, 1, generator=generator) < 0.1, empty, ids[index])
-        loss = diffusion.denoising_loss(unet, noise_scheduler, latents, text_encoder(batch_ids)[0], generator)
+        noise, timesteps = diffusion.sample_noise(noise_scheduler, latents, generator)
+        noise = noise + NOISE_OFFSET * torch.randn(batch_size, latents.shape[1], 1, 1, generator=generator)
+        loss = diffusion.denoising_losses(unet, noise_scheduler, latents, text_encoder(batch_ids)[0], noise,
+                                          timesteps).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

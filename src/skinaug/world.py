@@ -419,7 +419,8 @@ def _smooth_noise(rng, n, size, cells):
 # --- the "web": generic marks on every skin type --------------------------------------
 # Stable Diffusion learned from the web what skin of every tone looks like; the tiny demo
 # model learns it from this corpus instead. Its marks are generic (moles, rashes, scars,
-# freckles, bruises), none of the seven study conditions' patterns, and its captions use
+# freckles, bruises, and random lesions built from blobs, rings, papules and streaks in the
+# world's lesion colours), none of the seven study conditions' patterns, and its captions use
 # the prompts' own skin-type wording.
 
 
@@ -456,7 +457,41 @@ def _bruise(u, v, rng, n):
     return {"violet": 0.9 * patch, "pigment": 0.3 * patch}
 
 
-GENERIC_MARKS = {"mole": _mole, "rash": _rash, "scar": _scar, "freckles": _freckles, "bruise": _bruise}
+def _lesion(u, v, rng, n):
+    """One to three random primitives (blob, ring, cluster of papules, streak), each in a random one
+    of the world's lesion colours: a broad prior of lesion-like structure, like the web's variety,
+    so that the model can redraw a lesion it has never seen on any skin tone."""
+    layers = {name: np.zeros_like(u) for name in LESION_COLOURS}
+    height = np.zeros_like(u)
+    for slot in range(3):
+        on = np.ones((n, 1, 1), np.float32) if slot == 0 else (_uniform(rng, n, 0, 1) < 0.5).astype(np.float32)
+        x, y = u - _uniform(rng, n, -0.4, 0.4), v - _uniform(rng, n, -0.4, 0.4)
+        d, phi = _polar(x, y)
+        radius = _uniform(rng, n, 0.1, 0.45) * _wobble(phi, rng, n, 0.15)
+        blob = _disc(d, radius, 0.03)
+        ring = blob * (1 - _disc(d, radius * _uniform(rng, n, 0.4, 0.75), 0.03))
+        papules, bumps = np.zeros_like(u), np.zeros_like(u)
+        for x0, y0, dot in _scatter(rng, n, 10, 3, 0.6):
+            dd, _ = _polar(x - x0, y - y0)
+            r = _uniform(rng, n, 0.03, 0.08)
+            papules, bumps = _union(papules, dot * _disc(dd, r, 0.015)), np.maximum(bumps, dot * _dome(dd, r))
+        bend = _uniform(rng, n, -1.5, 1.5)
+        streak = _disc(np.abs(y - bend * x ** 2), _uniform(rng, n, 0.02, 0.06), 0.015) * _disc(np.abs(x), _uniform(rng, n, 0.2, 0.7), 0.05)
+        kind = rng.integers(0, 4, (n, 1, 1))
+        alpha = on * _uniform(rng, n, 0.5, 1.0) * np.select([kind == 0, kind == 1, kind == 2], [blob, ring, papules], streak)
+        raised = (kind == 2) * bumps + (kind == 0) * (_uniform(rng, n, 0, 1) < 0.5) * _dome(d, radius)
+        height = np.maximum(height, on * 0.6 * raised)
+        colour = rng.integers(0, len(LESION_COLOURS), (n, 1, 1))
+        for i, name in enumerate(LESION_COLOURS):
+            layers[name] = _union(layers[name], alpha * (colour == i))
+    return {**layers, "height": height.astype(np.float32)}
+
+
+GENERIC_MARKS = {"mole": _mole, "rash": _rash, "scar": _scar, "freckles": _freckles, "bruise": _bruise,
+                 "lesion": _lesion}
+# Half the corpus is random lesions, for variety; the named marks share the other half. With
+# them the demo base darkens FST 5 requests reliably (checked on light training images of seed 0).
+_MARK_SHARE = {"lesion": 0.5}
 
 
 def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -465,7 +500,9 @@ def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, li
 
     rng = np.random.default_rng(seed)
     fsts = rng.integers(1, 7, n)
-    marks = rng.choice(sorted(GENERIC_MARKS), n)
+    names = sorted(GENERIC_MARKS)
+    rest = (1 - sum(_MARK_SHARE.values())) / (len(names) - len(_MARK_SHARE))
+    marks = rng.choice(names, n, p=[_MARK_SHARE.get(m, rest) for m in names])
     pixels = np.empty((n, size, size, 3), np.uint8)
     for mark in sorted(GENERIC_MARKS):
         rows = np.flatnonzero(marks == mark)
@@ -481,7 +518,7 @@ def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, li
                 top = img * rgb[:, None, None, :] if kind == "rel" else rgb[:, None, None, :]
                 img = img * (1 - alpha) + top * alpha
         pixels[rows] = photograph(img, layers.get("height", np.zeros(u.shape, np.float32)), rng)
-    article = {"freckles": "", "bruise": "a ", "mole": "a ", "rash": "a ", "scar": "a "}
+    article = {"freckles": "", "bruise": "a ", "mole": "a ", "rash": "a ", "scar": "a ", "lesion": "a "}
     captions = [prompts.LORA_TEMPLATE.format(condition=article[m] + m, tone=prompts.TONES[int(f)])
                 for m, f in zip(marks, fsts)]
     return pixels, fsts, captions
