@@ -49,7 +49,7 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     asks; with the offset, the overall colour of a noised image is not to be trusted, and the
     caption's tone words decide it.
     Seeded and single-process, so the same arguments give the same weights bit for bit
-    on the same machine and torch version. About 4.5 minutes on 2 CPU cores at the demo sizes.
+    on the same machine and torch version. About 4 minutes on 2 CPU cores at the demo sizes.
     """
     from tqdm import tqdm
 
