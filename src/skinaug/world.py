@@ -120,14 +120,20 @@ def draw_lesion(label: str, skin: np.ndarray, fst, rng: np.random.Generator) -> 
     colours = lesion_colours(fst, rng)
     t = (np.asarray(fst, dtype=np.float32) - 1) / 5
     contrast = (_CONTRAST[0] + (_CONTRAST[1] - _CONTRAST[0]) * t)[:, None, None, None]
-    img = skin.copy()
-    for name, (kind, rgb) in colours.items():  # dict order = paint order, bottom to top
+    return _paint(skin, layers, colours, contrast), layers.get("height", np.zeros(u.shape, np.float32))
+
+
+def _paint(img: np.ndarray, layers: dict, colours: dict, contrast=None) -> np.ndarray:
+    """Lay each colour layer's opacity map (x contrast) over img, in `colours` order, bottom to top."""
+    for name, (kind, rgb) in colours.items():
         if name not in layers:
             continue
-        alpha = layers[name][..., None].clip(0, 1) * contrast
+        alpha = layers[name][..., None].clip(0, 1)
+        if contrast is not None:
+            alpha = alpha * contrast
         top = img * rgb[:, None, None, :] if kind == "rel" else rgb[:, None, None, :]
         img = img * (1 - alpha) + top * alpha
-    return img, layers.get("height", np.zeros(u.shape, np.float32))
+    return img
 
 
 def photograph(img: np.ndarray, height: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -504,19 +510,14 @@ def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, li
     rest = (1 - sum(_MARK_SHARE.values())) / (len(names) - len(_MARK_SHARE))
     marks = rng.choice(names, n, p=[_MARK_SHARE.get(m, rest) for m in names])
     pixels = np.empty((n, size, size, 3), np.uint8)
-    for mark in sorted(GENERIC_MARKS):
+    for mark in names:
         rows = np.flatnonzero(marks == mark)
         if not len(rows):
             continue
         skin = draw_skin(fsts[rows], rng, size)
         u, v = _lesion_frame(rng, len(rows), size)
         layers = GENERIC_MARKS[mark](u, v, rng, len(rows))
-        img = skin
-        for name, (kind, rgb) in lesion_colours(fsts[rows], rng).items():
-            if name in layers:
-                alpha = layers[name][..., None].clip(0, 1)
-                top = img * rgb[:, None, None, :] if kind == "rel" else rgb[:, None, None, :]
-                img = img * (1 - alpha) + top * alpha
+        img = _paint(skin, layers, lesion_colours(fsts[rows], rng))
         pixels[rows] = photograph(img, layers.get("height", np.zeros(u.shape, np.float32)), rng)
     article = {"freckles": "", "bruise": "a ", "mole": "a ", "rash": "a ", "scar": "a ", "lesion": "a "}
     captions = [prompts.LORA_TEMPLATE.format(condition=article[m] + m, tone=prompts.TONES[int(f)])
