@@ -185,22 +185,29 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, noise_offset: float = 0.0) -> torch.Tensor:
     """The standard diffusion objective: noise the latents at a random timestep, predict, MSE.
 
     The target follows the base model's prediction_type (epsilon for SD 2.1 base).
     Noise and timesteps are drawn from `generator` so a run is reproducible.
     """
-    noise, timesteps = sample_noise(noise_scheduler, latents, generator)
+    noise, timesteps = sample_noise(noise_scheduler, latents, generator, noise_offset)
     return denoising_losses(unet, noise_scheduler, latents, encoder_hidden_states, noise, timesteps).mean()
 
 
-def sample_noise(noise_scheduler, latents: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random part of the objective: Gaussian noise, then one timestep per sample (in that order)."""
+def sample_noise(noise_scheduler, latents: torch.Tensor, generator: torch.Generator | None = None,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random part of the objective: Gaussian noise, then one timestep per sample (in that order).
+
+    `offset` > 0 adds offset noise (diffusers' `--noise_offset`): offset x a Gaussian per sample and
+    channel, drawn after the timesteps, so that offset 0 draws exactly what it always did.
+    """
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=latents.device).long()
+    if offset:
+        noise = noise + offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device,
+                                             dtype=latents.dtype)
     return noise, timesteps
 
 

@@ -83,10 +83,8 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
         index = torch.randint(0, len(images), (batch_size,), generator=generator)
         latents = moments[index] * vae.config.scaling_factor
         batch_ids = torch.where(torch.rand(batch_size, 1, generator=generator) < 0.1, empty, ids[index])
-        noise, timesteps = diffusion.sample_noise(noise_scheduler, latents, generator)
-        noise = noise + NOISE_OFFSET * torch.randn(batch_size, latents.shape[1], 1, 1, generator=generator)
-        loss = diffusion.denoising_losses(unet, noise_scheduler, latents, text_encoder(batch_ids)[0], noise,
-                                          timesteps).mean()
+        loss = diffusion.denoising_loss(unet, noise_scheduler, latents, text_encoder(batch_ids)[0], generator,
+                                        noise_offset=NOISE_OFFSET)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
