@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from skinaug import prompts, tinymodel, tone, world
 
@@ -32,7 +34,6 @@ def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(tmp_pat
     """Encoder noise far below the latents' spread (else every `sample()` blurs the lesions away)."""
     import json
 
-    import torch
     from diffusers import AutoencoderKL
 
     base = tinymodel.pretrain(tmp_path / "base", seed=0, resolution=32, corpus_size=64, vae_steps=2, unet_steps=1,
@@ -44,3 +45,20 @@ def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(tmp_pat
     assert posterior.std.max() < 0.02 * posterior.mean.std()
     scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_pretrained_schedule_is_sd_shifted_for_the_latent_grid(tmp_path):
+    """Every stage reads the shifted schedule from the base folder: SNR 16x SD's on a 16 x 16 grid."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    from skinaug import diffusion
+
+    base = tinymodel.pretrain(tmp_path / "base", seed=0, resolution=32, corpus_size=64, vae_steps=1, unet_steps=1,
+                              batch_size=4)
+    sd = DDPMScheduler.from_config(diffusion.SD21_BASE_SCHEDULER).alphas_cumprod.double()
+    for kind in (DDPMScheduler, PNDMScheduler):  # training noise (textual inversion, LoRA) and sampling
+        ours = kind.from_pretrained(base, subfolder="scheduler").alphas_cumprod.double()
+        ratio = (ours / (1 - ours)) / (sd / (1 - sd))
+        assert torch.allclose(ratio, torch.full_like(ratio, 16.0), rtol=1e-3), kind.__name__
+    assert tinymodel.shifted_betas(64) == pytest.approx(
+        DDPMScheduler.from_config(diffusion.SD21_BASE_SCHEDULER).betas.tolist(), rel=1e-4)

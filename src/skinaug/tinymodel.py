@@ -18,7 +18,8 @@ from skinaug import prompts
 
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 PRETRAINED_PREDICTION = "v_prediction"  # the pretrained demo base (see `pretrain`); `build` keeps epsilon
-NOISE_OFFSET = 0.5  # offset noise in pretraining (see `pretrain`)
+NOISE_OFFSET = 5.0  # offset noise in pretraining, in units of the shifted schedule's noise (see `pretrain`)
+SD_LATENT_SIZE = 64  # SD 2.1 base's latent grid (512 px / 8): the size its noise schedule was made for
 
 
 def build(out_dir: Path, seed: int = 0, resolution: int = 32, extra_words: set[str] | None = None) -> Path:
@@ -42,12 +43,16 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     few hundred CPU steps learn to ignore the caption (at high noise, eps ~ x_t already gives
     a low loss whatever the skin tone), and generations come out one mean tone whatever the
     prompt asks; the v target is mostly the clean image there, so tone words must be read.
+    The noise schedule is SD 2.1 base's, shifted for the smaller latent grid (`shifted_betas`):
+    at SD's own schedule, img2img's strength 0.5 leaves a lesion a few latent pixels wide on our
+    16 x 16 grid under noise as strong as itself, and the generations lose it, whereas on SD's
+    64 x 64 grid the same lesion spans 16 times as many pixels and survives.
     The noise carries an offset per image and channel (NOISE_OFFSET x a Gaussian, the "offset
-    noise" of Guttenberg 2023 that lets SD fine-tunes make very dark or light images): with
-    plain noise the skin tone is the one thing img2img's noised source still shows plainly at
-    strength 0.5, the model learns to copy it, and light sources stay light whatever the prompt
-    asks; with the offset, the overall colour of a noised image is not to be trusted, and the
-    caption's tone words decide it.
+    noise" of Guttenberg 2023 that lets SD fine-tunes make very dark or light images): without
+    it the skin tone is the one thing a noised source shows most plainly, the model learns to
+    copy it, and light sources stay light whatever the prompt asks; with the offset, the
+    overall colour of a noised image is not to be trusted and the caption's tone words decide
+    it, while the lesion's shape, under the shifted schedule's small per-pixel noise, survives.
     Seeded and single-process, so the same arguments give the same weights bit for bit
     on the same machine and torch version. About 4 minutes on 2 CPU cores at the demo sizes.
     """
@@ -75,7 +80,8 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
                     truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
-    noise_scheduler = _training_noise(PRETRAINED_PREDICTION)
+    betas = shifted_betas(resolution // 2 ** (len(vae.config.block_out_channels) - 1))
+    noise_scheduler = _training_noise(PRETRAINED_PREDICTION, betas)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
     bar = tqdm(range(unet_steps), desc="pretrain unet + text encoder", mininterval=2)
@@ -90,8 +96,28 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    _save(out_dir, unet.eval(), vae, text_encoder.eval(), tokenizer, PRETRAINED_PREDICTION)
+    _save(out_dir, unet.eval(), vae, text_encoder.eval(), tokenizer, PRETRAINED_PREDICTION, betas)
     return out_dir
+
+
+def shifted_betas(latent_size: int) -> list[float]:
+    """SD 2.1 base's betas with each timestep's signal-to-noise ratio times (64 / latent_size)^2.
+
+    A shape spanning a fixed share of the image covers (64 / latent_size)^2 times fewer latent
+    pixels on a small grid than on SD's 64 x 64 one, so the same per-pixel noise hides it that
+    much more; multiplying the SNR by that factor (the resolution shift of Hoogeboom et al. 2023,
+    "simple diffusion", and SD 3) makes strength 0.5 keep as much of a lesion as it does in SD.
+    Saved as the scheduler's `trained_betas`, so every stage reads it from the base folder.
+    """
+    from diffusers import DDPMScheduler
+
+    from skinaug.diffusion import SD21_BASE_SCHEDULER
+
+    alphas_cumprod = DDPMScheduler.from_config(SD21_BASE_SCHEDULER).alphas_cumprod.double()
+    snr = alphas_cumprod / (1 - alphas_cumprod) * (SD_LATENT_SIZE / latent_size) ** 2
+    shifted = snr / (1 + snr)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), shifted[:-1]])
+    return (1 - shifted / previous).tolist()
 
 
 def _pretrain_autoencoder(vae, images: torch.Tensor, steps: int, generator: torch.Generator,
@@ -138,23 +164,24 @@ def _start_nearly_deterministic(vae, log_variance: float = -12.0) -> None:
         vae.quant_conv.bias[channels:] = log_variance
 
 
-def _save(out_dir: Path, unet, vae, text_encoder, tokenizer, prediction_type: str = "epsilon") -> None:
+def _save(out_dir: Path, unet, vae, text_encoder, tokenizer, prediction_type: str = "epsilon",
+          betas: list[float] | None = None) -> None:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(prediction_type),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(prediction_type, betas),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _remove_tree(out_dir / "_tokenizer_src")
 
 
-def _training_noise(prediction_type: str):
+def _training_noise(prediction_type: str, betas: list[float] | None = None):
     from diffusers import DDPMScheduler
 
     from skinaug.diffusion import SD21_BASE_SCHEDULER
 
-    return DDPMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type)
+    return DDPMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type, trained_betas=betas)
 
 
 def _models(vocab_size: int, resolution: int):
@@ -193,12 +220,12 @@ def _models(vocab_size: int, resolution: int):
     return unet, vae, text_encoder
 
 
-def _scheduler(prediction_type: str):
+def _scheduler(prediction_type: str, betas: list[float] | None = None):
     from diffusers import PNDMScheduler
 
     from skinaug.diffusion import SD21_BASE_SCHEDULER
 
-    return PNDMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type)
+    return PNDMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type, trained_betas=betas)
 
 
 def make_tokenizer(folder: Path, extra_words: set[str] | None = None):
