@@ -45,8 +45,8 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     prompt asks; the v target is mostly the clean image there, so tone words must be read.
     The noise schedule is SD 2.1 base's, shifted for the smaller latent grid (`shifted_betas`):
     at SD's own schedule, img2img's strength 0.5 leaves a lesion a few latent pixels wide on our
-    16 x 16 grid under noise as strong as itself, and the generations lose it, whereas on SD's
-    64 x 64 grid the same lesion spans 16 times as many pixels and survives.
+    16 x 16 grid under per-pixel noise half its peak contrast, and the generations lose it,
+    whereas on SD's 64 x 64 grid the same lesion spans 16 times as many pixels.
     The noise carries an offset per image and channel (NOISE_OFFSET x a Gaussian, the "offset
     noise" of Guttenberg 2023 that lets SD fine-tunes make very dark or light images): without
     it the skin tone is the one thing a noised source shows most plainly, the model learns to
@@ -54,7 +54,7 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     overall colour of a noised image is not to be trusted and the caption's tone words decide
     it, while the lesion's shape, under the shifted schedule's small per-pixel noise, survives.
     Seeded and single-process, so the same arguments give the same weights bit for bit
-    on the same machine and torch version. About 4 minutes on 2 CPU cores at the demo sizes.
+    on the same machine and torch version. 4-5 minutes on 2 CPU cores at the demo sizes.
     """
     from tqdm import tqdm
 
