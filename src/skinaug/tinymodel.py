@@ -106,7 +106,7 @@ def shifted_betas(latent_size: int) -> list[float]:
     A shape spanning a fixed share of the image covers (64 / latent_size)^2 times fewer latent
     pixels on a small grid than on SD's 64 x 64 one, so the same per-pixel noise hides it that
     much more; multiplying the SNR by that factor (the resolution shift of Hoogeboom et al. 2023,
-    "simple diffusion", and SD 3) makes strength 0.5 keep as much of a lesion as it does in SD.
+    "simple diffusion", and SD 3) is meant to make strength 0.5 keep as much of a lesion as in SD.
     Saved as the scheduler's `trained_betas`, so every stage reads it from the base folder.
     """
     from diffusers import DDPMScheduler
@@ -169,8 +169,9 @@ def _save(out_dir: Path, unet, vae, text_encoder, tokenizer, prediction_type: st
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(prediction_type, betas),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_scheduler(prediction_type, betas), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _remove_tree(out_dir / "_tokenizer_src")
