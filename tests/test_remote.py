@@ -249,11 +249,24 @@ def _answers(url: str) -> bool:
     return True
 
 
+def _check_disk_space(folder: Path) -> None:
+    """weed's volume server keeps 1 % of the disk free and needs room for one 1 GiB volume beyond it.
+
+    With less it registers no volume, and every upload waits for one until dvc push times out.
+    """
+    usage = shutil.disk_usage(folder)
+    need = usage.total // 100 + 2 ** 30
+    if usage.free < need:
+        pytest.fail(f"weed mini needs {need / 2 ** 30:.1f} GiB free on the disk of {folder} (1 % of it plus one "
+                    f"1 GiB volume) but {usage.free / 2 ** 30:.1f} GiB are free: free some space and rerun")
+
+
 @pytest.fixture
 def seaweedfs(tmp_path):
     """`weed mini` on 127.0.0.1 with a fresh data dir, one identity and a pre-created bucket; stopped by pid."""
     data, log_path = tmp_path / "weed-data", tmp_path / "weed.log"
     data.mkdir()
+    _check_disk_space(data)
     sockets = tempfile.mkdtemp(prefix="weed-")  # unix sockets need a short path
     identity = {"name": "skinaug", "credentials": [{"accessKey": "skinaug-test", "secretKey": "s3cr3t-for-tests"}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
