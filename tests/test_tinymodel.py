@@ -30,14 +30,20 @@ def test_pretraining_is_deterministic_for_a_seed(tmp_path):
         (random / "unet/diffusion_pytorch_model.safetensors").read_bytes()
 
 
-def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(tmp_path):
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A barely trained base from `pretrain` (its saved configs are what these tests read)."""
+    return tinymodel.pretrain(tmp_path_factory.mktemp("pretrained") / "base", seed=0, resolution=32, corpus_size=64,
+                              vae_steps=2, unet_steps=1, batch_size=4)
+
+
+def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(pretrained):
     """Encoder noise far below the latents' spread (else every `sample()` blurs the lesions away)."""
     import json
 
     from diffusers import AutoencoderKL
 
-    base = tinymodel.pretrain(tmp_path / "base", seed=0, resolution=32, corpus_size=64, vae_steps=2, unet_steps=1,
-                              batch_size=4)
+    base = pretrained
     pixels, _, _ = world.web_corpus(8, seed=1, size=32)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     with torch.no_grad():
@@ -47,18 +53,16 @@ def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(tmp_pat
     assert scheduler["prediction_type"] == "v_prediction"
 
 
-def test_pretrained_schedule_is_sd_shifted_for_the_latent_grid(tmp_path):
+def test_pretrained_schedule_is_sd_shifted_for_the_latent_grid(pretrained):
     """Every stage reads the shifted schedule from the base folder: SNR 16x SD's on a 16 x 16 grid."""
     from diffusers import DDPMScheduler, PNDMScheduler
 
     from skinaug import diffusion
 
-    base = tinymodel.pretrain(tmp_path / "base", seed=0, resolution=32, corpus_size=64, vae_steps=1, unet_steps=1,
-                              batch_size=4)
-    sd = DDPMScheduler.from_config(diffusion.SD21_BASE_SCHEDULER).alphas_cumprod.double()
+    sd_scheduler = DDPMScheduler.from_config(diffusion.SD21_BASE_SCHEDULER)
+    sd = sd_scheduler.alphas_cumprod.double()
     for kind in (DDPMScheduler, PNDMScheduler):  # training noise (textual inversion, LoRA) and sampling
-        ours = kind.from_pretrained(base, subfolder="scheduler").alphas_cumprod.double()
+        ours = kind.from_pretrained(pretrained, subfolder="scheduler").alphas_cumprod.double()
         ratio = (ours / (1 - ours)) / (sd / (1 - sd))
         assert torch.allclose(ratio, torch.full_like(ratio, 16.0), rtol=1e-3), kind.__name__
-    assert tinymodel.shifted_betas(64) == pytest.approx(
-        DDPMScheduler.from_config(diffusion.SD21_BASE_SCHEDULER).betas.tolist(), rel=1e-4)
+    assert tinymodel.shifted_betas(64) == pytest.approx(sd_scheduler.betas.tolist(), rel=1e-4)

@@ -80,7 +80,7 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
                     truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
-    betas = shifted_betas(resolution // 2 ** (len(vae.config.block_out_channels) - 1))
+    betas = shifted_betas(unet.config.sample_size)  # the latent grid's side
     noise_scheduler = _training_noise(PRETRAINED_PREDICTION, betas)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
