@@ -115,6 +115,24 @@ def test_one_token_per_forward_pass_changes_nothing(ti_run, split, tiny_base, cf
         torch.testing.assert_close(split_passes[name], joint[name], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("templates", ["authors", "imagenet"])
+def test_ti_prompts_come_from_the_chosen_templates(split, tiny_base, cfg, tmp_path, monkeypatch, templates):
+    """The authors' 11 neutral templates by default; never "a dark photo of the" unless asked for."""
+    from skinaug import diffusion
+
+    seen, encode = [], diffusion.encode_prompts
+    monkeypatch.setattr(diffusion, "encode_prompts", lambda tok, te, texts: seen.extend(texts) or encode(tok, te, texts))
+    c = dataclasses.replace(cfg, textual_inversion=dataclasses.replace(cfg.textual_inversion, steps=20,
+                                                                        templates=templates))
+    finetune.train_textual_inversion(*split, tiny_base, tmp_path / "ti", c, seed=7)
+    allowed = {t.format(prompts.token(label)) for t in prompts.TI_TEMPLATES[templates] for label in LABELS}
+    assert len(seen) == 20 * 2 * 2 and set(seen) <= allowed  # steps x grad_accum x tokens
+    assert len(prompts.TI_TEMPLATES["authors"]) == 11
+    assert not any("dark" in t or "bright" in t for t in prompts.TI_TEMPLATES["authors"])
+    if templates == "imagenet":
+        assert len(set(seen)) > 11  # 80 draws from 54 prompts reach beyond the authors' 22
+
+
 def test_token_files_load_with_the_stock_loader(ti_run, tiny_base):
     from diffusers import StableDiffusionPipeline
 
@@ -147,6 +165,22 @@ def test_lora_trains_and_loads_into_a_stock_img2img_pipeline(lora_run, ti_run, t
     image = pipe(prompts.skin_prompt("folliculitis", 6), image=source, strength=0.5, num_inference_steps=4,
                  guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (16, 16, 3) and np.isfinite(image).all()
+
+
+def test_lora_clips_gradients_only_when_max_grad_norm_is_set(split, tiny_base, cfg, tmp_path, monkeypatch):
+    """lora.max_grad_norm 0 (the paper profile) runs as the reference script does: no clipping."""
+    from accelerate import Accelerator
+
+    norms, clip = [], Accelerator.clip_grad_norm_
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_",
+                        lambda self, params, norm, *a, **k: norms.append(norm) or clip(self, params, norm, *a, **k))
+    weights = {}
+    for norm in (0.0, 1.0e-6):
+        c = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, max_grad_norm=norm))
+        finetune.train_lora(*split, tiny_base, None, tmp_path / str(norm), c, seed=7)
+        weights[norm] = load_file(tmp_path / str(norm) / finetune.LORA_FILE)
+    assert norms == [1.0e-6] * cfg.lora.steps
+    assert any(not torch.equal(weights[0.0][k], weights[1.0e-6][k]) for k in weights[0.0])
 
 
 def test_per_label_lora_without_tokens_writes_one_lora_per_label(split, tiny_base, cfg, tmp_path):

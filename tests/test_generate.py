@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -124,6 +125,21 @@ def test_plan_target_skin_type_prompts_and_seeds(tmp_path, cfg):
     assert plan.seed.is_unique and plan.file.is_unique
     # Seeds are a stable hash (never Python's hash()): this value must not change between versions.
     assert G.image_seed(0, "a" * 32, 1) == int.from_bytes(hashlib.sha256(f"0:{'a' * 32}:1".encode()).digest()[:8]) >> 1
+
+
+@pytest.mark.parametrize("target_per", ["source", "image"])
+def test_plan_draws_the_target_skin_type_per_source_or_per_image(tmp_path, cfg, target_per):
+    rows = [(f"{i:032x}", LABELS[i % 7], (1, 2, 5, 6)[i % 4]) for i in range(40)]
+    pd.DataFrame(rows, columns=["md5hash", "label", "fitzpatrick_scale"]).to_csv(tmp_path / "t.csv", index=False)
+    c = config.replace(cfg, generate=config.replace(cfg.generate, per_source=5, target_per=target_per))
+    plan = G.make_plan(tmp_path / "t.csv", c, 0, "img2img_ti_lora")
+    light = plan[plan.source_fitzpatrick_scale.isin([1, 2])]
+    types_per_source = light.groupby("source_md5hash").fitzpatrick_scale.nunique()
+    assert set(light.fitzpatrick_scale) == {5, 6}
+    if target_per == "source":  # the authors' way: all five images of a source share one type
+        assert (types_per_source == 1).all()
+    else:  # 20 light sources x 5 independent draws: some source gets both types
+        assert (types_per_source == 2).any()
 
 
 def test_ablation_plan_keeps_the_first_sources_of_each_label(tmp_path, cfg):
@@ -349,6 +365,41 @@ def test_strategies_need_their_dirs(tmp_path, world, tiny_base, adapters, cfg, s
         run(world, tiny_base, tmp_path / "syn", cfg, strategy=strategy,
             ti_dir=adapters / "ti" if ti else None, lora_dir=adapters / "lora" if lora else None)
     assert not (tmp_path / "syn").exists()
+
+
+def _lora_made(tmp_path: Path, adapters: Path, name: str, tokens: bool | None) -> Path:
+    """A copy of the test LoRA whose lora.json says how it was trained (None: no lora.json)."""
+    folder = tmp_path / name
+    shutil.copytree(adapters / "lora", folder)
+    if tokens is not None:
+        (folder / "lora.json").write_text(json.dumps({"tokens": tokens}))
+    return folder
+
+
+def test_each_lora_strategy_takes_the_lora_trained_its_way(tmp_path, adapters):
+    with_tokens = _lora_made(tmp_path, adapters, "lora", True)
+    plain = _lora_made(tmp_path, adapters, "lora_plain", False)
+    assert G.choose_lora([with_tokens, plain], "img2img_ti_lora") == with_tokens  # the method
+    assert G.choose_lora([with_tokens, plain], "img2img_lora") == plain
+    assert G.choose_lora([_lora_made(tmp_path, adapters, "made_elsewhere", None)], "img2img_lora").name == "made_elsewhere"
+    with pytest.raises(SkinaugError, match="img2img_ti_lora needs one LoRA trained with the learned tokens"):
+        G.choose_lora([plain], "img2img_ti_lora")  # TI tokens on a plain-name LoRA: not the method
+    with pytest.raises(SkinaugError, match="img2img_lora needs one LoRA trained on plain condition names"):
+        G.choose_lora([with_tokens], "img2img_lora")
+
+
+def test_the_manifest_records_the_lora_each_strategy_used(tmp_path, world, tiny_base, adapters, cfg):
+    with_tokens = _lora_made(tmp_path, adapters, "lora", True)
+    plain = _lora_made(tmp_path, adapters, "lora_plain", False)
+    shutil.copy(adapters / "other_lora" / G.LORA_FILE, plain / G.LORA_FILE)
+    c = config.replace(cfg, generate=config.replace(cfg.generate, per_source=1, steps=2))
+    hashes = {}
+    for strategy in ("img2img_ti_lora", "img2img_lora"):
+        manifest = run(world, tiny_base, tmp_path / strategy, c, adapters, strategy=strategy,
+                       lora_dir=[with_tokens, plain])
+        hashes[strategy] = set(manifest.lora_sha256)
+    assert hashes["img2img_ti_lora"] == {hashlib.sha256((with_tokens / G.LORA_FILE).read_bytes()).hexdigest()}
+    assert hashes["img2img_lora"] == {hashlib.sha256((plain / G.LORA_FILE).read_bytes()).hexdigest()}
 
 
 # --- bad input: one clear line, nothing written ----------------------------------------------------

@@ -17,6 +17,7 @@ About 5 minutes on 2 CPU cores, all in subprocesses (the venv's `dvc` and `skina
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -41,7 +42,7 @@ KILL_WINDOW_S = 180  # how long the interrupted run may take to write its first 
 
 # The reduced demo: every stage runs, each in seconds. Lists use Hydra's override syntax.
 LABELS = ["prurigo nodularis", "nematode infection"]  # the two smallest labels of Table 1: 188 images
-STRATEGIES = ["txt2img_vanilla", "img2img_ti_lora"]
+STRATEGIES = ["txt2img_vanilla", "img2img_lora", "img2img_ti_lora"]
 OVERRIDES = [
     "model.tiny_vae_steps=0", "model.tiny_unet_steps=0",  # a random tiny base model
     "splits.seeds=[0]",
@@ -50,7 +51,7 @@ OVERRIDES = [
     "textual_inversion.steps=2", "lora.steps=2",
     "generate.steps=2", "generate.batch_size=8",  # small batches: an interrupted run stops between them
     "classify.epochs=1",
-    "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
+    "ablation.seeds=[0]", "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
 ]
 SCENARIOS = (1, 2)  # 2: the ablation's dark flexible images are training images there
 OUTPUT_DIRS = ("data", "models", "metrics", "reports")
@@ -168,16 +169,31 @@ def test_ablation_is_scenario_1_whatever_the_study_runs(pipeline):
     assert repo.params()["scenario"] == 2
     ran = {s: set(re.findall(r"Running stage '([^']+)'", (repo.path.parent / f"scenario{s}.log").read_text()))
            for s in SCENARIOS}
-    ablation = {"ablation_splits", "ablation_textual_inversion", "ablation_lora",
-                *(f"ablation_{stage}@{s}" for stage in ("generate", "classify") for s in STRATEGIES)}
+    ablation = {"ablation_splits@0", "ablation_textual_inversion@0", "ablation_lora@0", "ablation_lora_plain@0",
+                *(f"ablation_{stage}@0-{s}" for stage in ("generate", "classify") for s in STRATEGIES)}
     assert ablation <= ran[1] and "splits@0" in ran[2]
     assert not ablation & ran[2]  # scenario 2 keeps scenario 1's ablation
     for strategy in STRATEGIES:
         for test_name in ("flex_light", "flex_dark"):
-            record = json.loads((repo.path / f"metrics/ablation/{strategy}_{test_name}.json").read_text())
+            record = json.loads((repo.path / f"metrics/ablation/seed0/{strategy}_{test_name}.json").read_text())
             assert record["scenario"] == 1 and record["n_test"] == 8 * len(LABELS)  # splits.per_label
     results = (repo.path / "reports/results.md").read_text()
     assert "## Scenario 2" in results and "## Ablation (Table 5): scenario 1" in results
+
+
+def test_ablation_lora_rows_use_the_lora_trained_their_way(pipeline):
+    """Table 5's img2img LoRA row uses the plain-name LoRA, its TI+LoRA row (the method) the one
+    trained with the learned tokens: different files, each made as its row needs."""
+    repo, _ = pipeline
+    used = {}
+    for strategy, folder, tokens in (("img2img_lora", "lora_plain", False), ("img2img_ti_lora", "lora", True)):
+        lora_dir = repo.path / "models/ablation/seed0" / folder
+        assert json.loads((lora_dir / "lora.json").read_text())["tokens"] is tokens
+        with open(repo.path / f"data/synthetic/ablation/seed0/{strategy}/manifest.csv", newline="") as f:
+            (used[strategy],) = {row["lora_sha256"] for row in csv.DictReader(f)}
+        weights = lora_dir / "pytorch_lora_weights.safetensors"
+        assert used[strategy] == hashlib.sha256(weights.read_bytes()).hexdigest(), strategy
+    assert used["img2img_lora"] != used["img2img_ti_lora"]
 
 
 def test_repro_on_unchanged_workspace_does_nothing(pipeline):
@@ -198,13 +214,24 @@ def _stage_names(repo: Repo) -> set[str]:
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("classify.epochs", 2, {"classify_real@0-resnet18", "classify@0-resnet18-syn", "classify@0-resnet18-real_syn",
-                            *(f"ablation_classify@{s}" for s in STRATEGIES)}),
-    ("generate.guidance", 3.0, {"generate@0", *(f"ablation_generate@{s}" for s in STRATEGIES)}),
-    ("lora.rank", 4, {"lora@0", "ablation_lora"}),
+                            *(f"ablation_classify@0-{s}" for s in STRATEGIES)}),
+    ("generate.guidance", 3.0, {"generate@0", *(f"ablation_generate@0-{s}" for s in STRATEGIES)}),
+    ("lora.rank", 4, {"lora@0", "ablation_lora@0", "ablation_lora_plain@0"}),
+    # generation reads the LoRA layout: one LoRA, or one folder per label
+    ("lora.mode", "per_label", {"lora@0", "ablation_lora@0", "ablation_lora_plain@0", "generate@0",
+                                *(f"ablation_generate@0-{s}" for s in STRATEGIES)}),
+    ("textual_inversion.templates", "imagenet", {"textual_inversion@0", "ablation_textual_inversion@0"}),
+    ("splits.dark", [6], {"splits@0", "ablation_splits@0", "generate@0", "report",
+                          *(f"ablation_generate@0-{s}" for s in STRATEGIES)}),
+    # the matrix axis: a new architecture adds its own stages and leaves the trained ones alone
+    ("classify.archs", ["resnet18", "vgg16"], {"classify_real@0-vgg16", "classify@0-vgg16-syn",
+                                               "classify@0-vgg16-real_syn"}),
+    # speed only: another device or batch size re-runs nothing
+    ("model.device", "auto", set()),
+    ("generate.batch_size", 4, set()),
 ])
 def test_changing_one_param_changes_only_the_stages_that_read_it(pipeline, key, value, expected):
     repo, _ = pipeline
-    assert expected <= _stage_names(repo)
     params_file = repo.path / "params.yaml"
     original = params_file.read_text()
     params = yaml.safe_load(original)
@@ -213,6 +240,7 @@ def test_changing_one_param_changes_only_the_stages_that_read_it(pipeline, key, 
     params[section][name] = value
     try:
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert expected <= _stage_names(repo)
         assert repo.status() == expected
     finally:
         params_file.write_text(original)
@@ -265,7 +293,7 @@ def test_interrupted_repro_resumes_without_redoing_finished_work(pipeline):
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert "generate@0" in ran, out
     assert not ran & {"world", "subset", "images", "splits@0", "base", "textual_inversion@0", "lora@0",
-                      "ablation_lora"}, out
+                      "ablation_lora@0", "ablation_lora_plain@0"}, out
     stage = out.split("Running stage 'generate@0'", 1)[1].split("Running stage", 1)[0]
     assert "starting over" not in stage, stage
     summary = re.search(r"generate: (\d+) images \((\d+) new\) in ", stage)

@@ -508,7 +508,7 @@ def reference_textual_inversion(base_dir: Path, paths: list[Path], s: Settings, 
     def update():
         for _ in range(s.ti_grad_accum):
             pixels = _reference_pixels(rng.choices(paths, k=s.train_batch), s.resolution, crop=False, rng=rng)
-            texts = [rng.choice(prompts.TI_TEMPLATES).format(token) for _ in range(s.train_batch)]
+            texts = [rng.choice(prompts.TI_TEMPLATES["authors"]).format(token) for _ in range(s.train_batch)]
             ids = _ids(tokenizer, texts, device)
             latents = vae.encode(pixels.to(device, half)).latent_dist.sample().detach() * vae.config.scaling_factor
             noise = torch.randn_like(latents)

@@ -158,21 +158,23 @@ def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, 
 @click.argument("base_dir", type=ExistingPath)
 @click.argument("out_dir", type=PathArg)
 @click.option("--ti-dir", type=ExistingPath, default=None, help="Learned tokens (strategies with ti).")
-@click.option("--lora-dir", type=ExistingPath, default=None, help="LoRA weights (strategies with lora).")
+@click.option("--lora-dir", "lora_dirs", type=ExistingPath, multiple=True,
+              help="LoRA folder (strategies with lora); repeat it to offer the token LoRA and the plain-name one: "
+                   "the strategy takes the one trained as it needs.")
 @click.option("--strategy", default=None, help="Generation strategy; default from params (generate.strategy).")
 @click.option("--sources-per-label", type=int, default=0, show_default=True,
               help="Use only the first N training images of each label (0: all); the ablation's size.")
 @_seed_option
 @click.pass_context
 def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path,
-             ti_dir: Path | None, lora_dir: Path | None, strategy: str | None, sources_per_label: int,
+             ti_dir: Path | None, lora_dirs: tuple[Path, ...], strategy: str | None, sources_per_label: int,
              seed: int) -> None:
     """Synthesise dark-skin versions of every training image (img2img); resumes where it stopped."""
     from skinaug import generate as generate_mod
 
     cfg = _cfg(ctx)
     generate_mod.generate(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
-                          ti_dir=ti_dir, lora_dir=lora_dir, strategy=strategy or cfg.generate.strategy,
+                          ti_dir=ti_dir, lora_dir=list(lora_dirs), strategy=strategy or cfg.generate.strategy,
                           sources_per_label=sources_per_label)
 
 
@@ -220,8 +222,9 @@ def report(ctx, metrics_dir: Path, out_dir: Path, split_dir: Path | None, images
     cfg = _cfg(ctx)
     head = report_mod.build_report(metrics_dir, out_dir, cfg, split_dir=split_dir, images_dir=images_dir, syn_dir=syn_dir,
                                  tone_dir=tone_dir, ablation_dir=ablation_dir)
+    cells = head.get("test_reference", head)
     click.echo(f"report: {out_dir / 'results.md'}; scenario {head['scenario']} ({head['selection']}): "
-               + ", ".join(f"{a} {t} {v['accuracy_pct']:.2f}%" for a, d in head.items() if isinstance(d, dict)
+               + ", ".join(f"{a} {t} {v['accuracy_pct']:.2f}%" for a, d in cells.items() if isinstance(d, dict)
                            for t, v in d.items()))
 
 

@@ -88,6 +88,7 @@ class TextualInversionConfig:
     flip_p: float  # probability of a horizontal flip
     checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
     tokens_per_pass: int  # tokens per forward pass, 0 = all; fewer uses less GPU memory, same result
+    templates: str  # "authors" (their 11 neutral templates) or "imagenet" (diffusers' 27, with "a dark photo of")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class LoraConfig:
     steps: int  # optimiser updates (per LoRA in per_label mode)
     batch_size: int  # images per update
     lr: float  # constant learning rate
-    max_grad_norm: float  # gradient-norm clip
+    max_grad_norm: float  # gradient-norm clip; 0 = none (the reference's clip is a no-op, see README deviations)
     weight_decay: float  # AdamW weight decay (the reference script's default)
     checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
     mode: str  # "joint" (one LoRA, released code) or "per_label" (paper runs)
@@ -114,6 +115,7 @@ class GenerateConfig:
     out_size: int  # saved image side in pixels
     batch_size: int  # synthetic images per pipeline call; 0 = from free GPU memory
     strategy: str  # "img2img_ti_lora" (the method) or an ablation strategy
+    target_per: str  # a light source's target skin type drawn once per "source" (the authors) or per "image"
     compile: bool  # torch.compile the UNet (slow first batch; same results)
 
 
@@ -135,8 +137,13 @@ class ClassifyConfig:
 class AblationConfig:
     strategies: list[str]  # generation strategies compared (SPEC §6)
     arch: str  # classifier trained on each strategy's synthetic images
-    seed: int  # split seed the ablation runs on
+    seeds: list[int]  # one scenario 1 split, adapters and classifier per seed; Table 5 is their mean ± std
     sources_per_label: int  # training images per label the ablation generates from; 0 = all
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    seed: int  # the study seed whose images the tone check and the report's figures show
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ class Config:
     generate: GenerateConfig
     classify: ClassifyConfig
     ablation: AblationConfig
+    report: ReportConfig
 
 
 def load(path: str | Path = "params.yaml") -> Config:
@@ -241,6 +249,8 @@ _CHOICES = {
     "model.device": ("auto", "cpu", "cuda"),
     "lora.mode": ("joint", "per_label"),
     "classify.selection": ("last", "val", "test_reference"),
+    "textual_inversion.templates": ("authors", "imagenet"),
+    "generate.target_per": ("source", "image"),
 }
 
 

@@ -177,10 +177,10 @@ def _ti_draws(comps, posteriors, sampler, label, key, micro_step, share, ti, dev
     gens = [_generators((*key, micro_step, i), device) for i in share]
     index = [int(sampler.take(micro_step * ti.batch_size + i, 1)[0]) for i in share]
     flip = [bool(torch.rand(1, generator=host) < ti.flip_p) for host, _ in gens]
-    templates = [int(torch.randint(len(prompts.TI_TEMPLATES), (1,), generator=host)) for host, _ in gens]
+    templates = [int(torch.randint(len(prompts.TI_TEMPLATES[ti.templates]), (1,), generator=host)) for host, _ in gens]
     latents, noise, timesteps = _noised(comps.vae, comps.noise_scheduler, *posteriors.get(list(zip(index, flip))),
                                         [dev for _, dev in gens])
-    return latents, noise, timesteps, [prompts.ti_prompt(label, t) for t in templates]
+    return latents, noise, timesteps, [prompts.ti_prompt(label, t, ti.templates) for t in templates]
 
 
 def _add_tokens(comps, tokens: list[str], init_token: str) -> list[int]:
@@ -355,7 +355,8 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
         if accelerator.num_processes > 1:
             loss = loss.detach().clone()
             _sum_over_processes(accelerator, [_grad(p) for p in params.values()] + [loss])
-        accelerator.clip_grad_norm_(list(params.values()), lo.max_grad_norm)
+        if lo.max_grad_norm > 0:  # 0: no clipping, as the reference's script runs (its clip sees no parameters)
+            accelerator.clip_grad_norm_(list(params.values()), lo.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append(loss.item())

@@ -75,14 +75,16 @@ def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str, sources_pe
     """One row per synthetic image, in train.csv order then k (pure: same inputs, same plan).
 
     Target skin type: a light source gets one of splits.dark, drawn by numpy default_rng(seed) in
-    (source row, k) order; any other source keeps its own. sources_per_label > 0 keeps only the
-    first that many sources of each label (a smaller ablation).
+    source-row order, once per source (generate.target_per "source", as the authors draw it: all
+    images of a source share it) or once per image ("image", in (source row, k) order); any other
+    source keeps its own. sources_per_label > 0 keeps only the first that many sources of each
+    label (a smaller ablation).
     """
     s, g = strategy_of(strategy), cfg.generate
     train = _read_train(train_csv)
     if sources_per_label > 0:
         train = train.groupby("label", sort=False, group_keys=False).head(sources_per_label)
-    draws = np.random.default_rng(seed).choice(cfg.splits.dark, size=(len(train), g.per_source))
+    draws = target_draws(np.random.default_rng(seed), cfg.splits.dark, len(train), g.per_source, g.target_per)
     rows = []
     for i, src in enumerate(train.itertuples(index=False)):
         own = int(src.fitzpatrick_scale)
@@ -94,21 +96,33 @@ def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str, sources_pe
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 
+def target_draws(rng: np.random.Generator, dark: list[int], sources: int, per_source: int,
+                 target_per: str) -> np.ndarray:
+    """(sources, per_source) skin types drawn from `dark`: one per source repeated, or one per image."""
+    if target_per == "source":
+        return np.repeat(rng.choice(dark, size=(sources, 1)), per_source, axis=1)
+    return rng.choice(dark, size=(sources, per_source))
+
+
 def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, cfg: Config, seed: int,
-             ti_dir: Path | None = None, lora_dir: Path | None = None, strategy: str = "img2img_ti_lora",
-             state=None, sources_per_label: int = 0) -> pd.DataFrame:
+             ti_dir: Path | None = None, lora_dir: Path | list[Path] | None = None,
+             strategy: str = "img2img_ti_lora", state=None, sources_per_label: int = 0) -> pd.DataFrame:
     """Write out_dir/images/{md5hash}_{k}.png and out_dir/manifest.csv; returns the manifest.
 
-    Everything is checked before out_dir is touched. `state` (default: accelerate's PartialState)
-    gives process_index, num_processes, is_main_process and wait_for_everyone().
+    lora_dir: one LoRA folder, or several (the ablation passes the token LoRA and the plain-name
+    one): the strategy takes the one trained as it needs (`choose_lora`). Everything is checked
+    before out_dir is touched. `state` (default: accelerate's PartialState) gives process_index,
+    num_processes, is_main_process and wait_for_everyone().
     """
     start = time.perf_counter()
     s = strategy_of(strategy)
     for needed, given, option in ((s.ti, ti_dir, "--ti-dir"), (s.lora, lora_dir, "--lora-dir")):
-        if needed and given is None:
+        if needed and not given:
             raise SkinaugError(f"strategy {strategy} needs {option}")
     plan = make_plan(train_csv, cfg, seed, strategy, sources_per_label)
     tokens = _token_files(Path(ti_dir), plan) if s.ti else {}
+    if s.lora:
+        lora_dir = choose_lora(lora_dir if isinstance(lora_dir, list) else [lora_dir], strategy)
     loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan) if s.lora else {}
     if s.img2img:
         _check_sources(plan, Path(images_dir))
@@ -264,7 +278,8 @@ def _source(path: Path, resolution: int | None) -> Image.Image:
             rgb = im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for damaged files
         raise SkinaugError(f"cannot read training image {path}: {type(e).__name__}: {e}") from None
-    return rgb if resolution is None else rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    # bilinear to the model's square, as the authors' inference notebook resizes its sources
+    return rgb if resolution is None else rgb.resize((resolution, resolution), Image.Resampling.BILINEAR)
 
 
 def _adapter_name(label: str) -> str:
@@ -288,6 +303,32 @@ def _token_files(ti_dir: Path, plan: pd.DataFrame) -> dict[str, Path]:
     if absent:
         raise SkinaugError(f"{ti_dir} has no token file for {', '.join(absent)}")
     return {t: found[t] for t in needed}
+
+
+def lora_trained_with_tokens(lora_dir: Path) -> bool | None:
+    """Whether the LoRA in lora_dir was trained on prompts naming the learned tokens (its lora.json
+    says so); None when it has no lora.json (a LoRA made elsewhere)."""
+    try:
+        return bool(json.loads((Path(lora_dir) / "lora.json").read_text())["tokens"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SkinaugError(f"cannot read {Path(lora_dir) / 'lora.json'}: {e}") from None
+
+
+def choose_lora(lora_dirs: list[Path], strategy: str) -> Path:
+    """The LoRA folder a strategy uses: trained with the learned tokens for the strategies that
+    prompt with them (img2img_ti_lora, the method), with plain condition names for img2img_lora.
+
+    A folder without lora.json is taken on trust when it is the only one given."""
+    wanted = strategy_of(strategy).ti
+    made = {Path(d): lora_trained_with_tokens(d) for d in lora_dirs}
+    matching = [d for d, tokens in made.items() if tokens == wanted or (tokens is None and len(made) == 1)]
+    if len(matching) != 1:
+        how = "with the learned tokens (--ti-dir)" if wanted else "on plain condition names (no --ti-dir)"
+        given = ", ".join(f"{d} ({'tokens' if t else 'plain' if t is False else 'unknown'})" for d, t in made.items())
+        raise SkinaugError(f"strategy {strategy} needs one LoRA trained {how}; given {given}")
+    return matching[0]
 
 
 def _lora_files(lora_dir: Path, mode: str, plan: pd.DataFrame) -> dict[str, Path]:

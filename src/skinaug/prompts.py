@@ -28,16 +28,26 @@ TONES = {
 LORA_TEMPLATE = "An image of {condition} on the skin of {tone} individual"
 TXT2IMG_VANILLA_TEMPLATE = LORA_TEMPLATE  # ablation: the plain condition name in the same sentence
 
-# The diffusers textual-inversion example's neutral object templates (imagenet_templates_small).
-TI_TEMPLATES = [
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
-    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
-    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
-    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
-    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
-]
+# Textual-inversion templates, by textual_inversion.templates. "authors": the 11 neutral templates
+# the authors train with (`skin_disease_prompt` in their textual_inversion.py); "imagenet": the
+# diffusers example's imagenet_templates_small, whose "a dark photo of the {}" and "a bright photo
+# of the {}" speak of brightness, which a skin-tone study must not teach its tokens.
+TI_TEMPLATES = {
+    "authors": [
+        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+        "a close-up photo of a {}", "a cropped photo of a {}", "a photo of the {}", "a photo of one {}",
+        "a close-up photo of the {}", "a rendition of the {}", "a rendition of a {}",
+    ],
+    "imagenet": [
+        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+        "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+        "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+        "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+        "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+        "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+        "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+    ],
+}
 
 
 def token(label: str) -> str:
@@ -54,13 +64,14 @@ def skin_prompt(label: str, fitzpatrick_scale: int, use_tokens: bool = True) -> 
     return LORA_TEMPLATE.format(condition=condition_text(label, use_tokens), tone=TONES[int(fitzpatrick_scale)])
 
 
-def ti_prompt(label: str, template_index: int) -> str:
-    return TI_TEMPLATES[template_index % len(TI_TEMPLATES)].format(TOKENS[label])
+def ti_prompt(label: str, template_index: int, templates: str = "authors") -> str:
+    chosen = TI_TEMPLATES[templates]
+    return chosen[template_index % len(chosen)].format(TOKENS[label])
 
 
 def vocabulary_words() -> set[str]:
     """Every word our prompts use (the tiny demo tokenizer gives each its own token)."""
-    texts = [LORA_TEMPLATE, *TI_TEMPLATES, *TOKENS, *TONES.values(), "skin"]
+    texts = [LORA_TEMPLATE, *(t for ts in TI_TEMPLATES.values() for t in ts), *TOKENS, *TONES.values(), "skin"]
     words = set()
     for text in texts:
         text = text.lower().replace("{}", " ").replace("{condition}", " ").replace("{tone}", " ")

@@ -74,14 +74,14 @@ def paper_accuracy(scenario: int, arch: str, train_type: str) -> float:
 def load_metrics(*metrics_dirs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(main study, ablation): one row per classifier JSON, its record kept in column `record`."""
     main, ablation = [], []
-    for path in sorted(p for d in metrics_dirs for p in Path(d).rglob("*.json")):
+    for root, path in sorted((Path(d), p) for d in metrics_dirs for p in Path(d).rglob("*.json")):
         rec = json.loads(path.read_text())
         if not isinstance(rec, dict) or "confusion_matrix" not in rec:
             continue  # not a classifier's metrics (e.g. a headline metrics.json)
         row = {"scenario": rec["scenario"], "selection": rec["selection"]["rule"], "arch": rec["arch"],
                "train_type": rec["train_type"], "seed": rec["seed"], "test_name": rec["test_name"],
                **{m: rec[m] for m in METRICS}, "record": rec}
-        if path.parent.name == "ablation":
+        if "ablation" in path.relative_to(root).parts[:-1] or root.name == "ablation":  # ablation[/seed{S}]/...
             suffix = "_" + rec["test_name"]
             if not path.stem.endswith(suffix):
                 raise SkinaugError(f"{path}: ablation files are named {{strategy}}_{{test_name}}.json")
@@ -150,20 +150,27 @@ def _pooled(acc: dict, n: dict, scales: list[int]) -> float:
 
 
 def ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
-    """Table 5: accuracy on the light and the dark flexible sets per strategy, paper beside."""
-    columns = ["selection", "strategy", "scenario", "n_test", "arch", "seeds", "accuracy_pct_light", "accuracy_pct_dark",
-               "gap_light_minus_dark", "paper_accuracy_pct_light", "paper_accuracy_pct_dark"]
+    """Table 5: accuracy on the light and the dark flexible sets per strategy, mean and sample std
+    over seeds (the light − dark gap taken per seed first), paper beside."""
+    columns = ["selection", "strategy", "scenario", "n_test", "arch", "n_seeds", "seeds"]
+    columns += [f"{m}_{stat}" for m in ("accuracy_pct_light", "accuracy_pct_dark", "gap_light_minus_dark")
+                for stat in ("mean", "std")]
+    columns += ["paper_accuracy_pct_light", "paper_accuracy_pct_dark"]
     rows = []
     for (selection, strategy), g in ablation.groupby(["selection", "strategy"], sort=False):
-        acc = g.groupby("test_name").accuracy_pct.mean()
-        light, dark = acc.get("flex_light", np.nan), acc.get("flex_dark", np.nan)
+        per_seed = g.pivot_table(index="seed", columns="test_name", values="accuracy_pct")
+        light = per_seed.get("flex_light", pd.Series(np.nan, index=per_seed.index))
+        dark = per_seed.get("flex_dark", pd.Series(np.nan, index=per_seed.index))
         paper = PAPER_ABLATION.get(strategy, (np.nan, np.nan))
         sizes = g.groupby("test_name").record.first().map(lambda r: r["n_test"])
-        rows.append({"selection": selection, "strategy": strategy, "scenario": g.scenario.iloc[0],
-                     "n_test": " / ".join(f"{k} {v}" for k, v in sizes.items()),
-                     "arch": g.arch.iloc[0], "seeds": " ".join(map(str, sorted(set(g.seed)))),
-                     "accuracy_pct_light": light, "accuracy_pct_dark": dark, "gap_light_minus_dark": light - dark,
-                     "paper_accuracy_pct_light": paper[0], "paper_accuracy_pct_dark": paper[1]})
+        row = {"selection": selection, "strategy": strategy, "scenario": g.scenario.iloc[0],
+               "n_test": " / ".join(f"{k} {v}" for k, v in sizes.items()), "arch": g.arch.iloc[0],
+               "n_seeds": len(per_seed), "seeds": " ".join(map(str, sorted(per_seed.index))),
+               "paper_accuracy_pct_light": paper[0], "paper_accuracy_pct_dark": paper[1]}
+        for name, values in (("accuracy_pct_light", light), ("accuracy_pct_dark", dark),
+                             ("gap_light_minus_dark", light - dark)):
+            row |= {f"{name}_mean": values.mean(), f"{name}_std": values.std()}
+        rows.append(row)
     order = {s: i for i, s in enumerate(PAPER_ABLATION)}
     out = pd.DataFrame(rows, columns=columns)
     return out.sort_values("strategy", key=lambda s: s.map(lambda x: order.get(x, len(order))), kind="stable")
@@ -250,18 +257,25 @@ def _fmt(v: float) -> str:
 
 
 def _ablation_section(table: pd.DataFrame) -> str:
+    def cells(name: str) -> list[str]:
+        return [cell(m, sd, n) for m, sd, n in zip(table[f"{name}_mean"], table[f"{name}_std"], table.n_seeds)]
+
     shown = pd.DataFrame({
         "Strategy": [STRATEGY_NAMES.get(s, s) for s in table.strategy],
-        "light ours": table.accuracy_pct_light.map(_fmt), "dark ours": table.accuracy_pct_dark.map(_fmt),
-        "light − dark ours": table.gap_light_minus_dark.map(_fmt),
+        "light ours": cells("accuracy_pct_light"), "dark ours": cells("accuracy_pct_dark"),
+        "light − dark ours": cells("gap_light_minus_dark"),
         "light paper (reported)": table.paper_accuracy_pct_light.map(_fmt),
         "dark paper (reported)": table.paper_accuracy_pct_dark.map(_fmt)})
     first = table.iloc[0]
+    seeds = sorted({s for row in table.seeds for s in row.split()}, key=int)
     warning = " — ⚠ selected on the TEST set (reference rule)" if first.selection == "test_reference" else ""
+    chosen = (" The reference rule chose the epoch on each test set separately." if first.selection == "test_reference"
+              else "")
     return (f"## Ablation (Table 5): scenario {first.scenario}, {ARCH_NAMES.get(first.arch, first.arch)} "
-            f"trained on synthetic images only, seed {first.seeds}{warning}\n\n"
-            f"Accuracy on the light and the dark flexible sets ({first.n_test}). "
-            f"Model selection: **{SELECTION_LABELS[first.selection]}**.\n\n" + markdown(shown))
+            f"trained on synthetic images only, seeds {', '.join(seeds)}{warning}\n\n"
+            f"Accuracy on the light and the dark flexible sets ({first.n_test}), mean ± sample std over seeds "
+            f"(the gap per seed first). Model selection: **{SELECTION_LABELS[first.selection]}**.{chosen}\n\n"
+            + markdown(shown))
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -377,12 +391,26 @@ def _save(fig: Figure, path: Path) -> None:
 # --- the stage -------------------------------------------------------------------------------
 
 def headline(summary: pd.DataFrame, scenario: int, selection: str) -> dict:
-    """{"scenario": S, "selection": rule, arch: {train_type: {"accuracy_pct", "f1_pct"}}}: means over seeds."""
+    """{"scenario": S, "selection": rule, arch: {train_type: {"accuracy_pct", "f1_pct"}}}: means over seeds.
+
+    Test-selected runs (the reference rule) never stand under those honest names: when they are all
+    there is, they go under a "test_reference" key, so `dvc exp show` columns say what they are.
+    """
     out = {"scenario": scenario, "selection": selection}
+    cells = out.setdefault("test_reference", {}) if selection == "test_reference" else out
     for r in summary[(summary.scenario == scenario) & (summary.selection == selection)].itertuples():
-        out.setdefault(r.arch, {})[r.train_type] = {"accuracy_pct": round(r.accuracy_pct_mean, 4),
-                                                    "f1_pct": round(r.f1_pct_mean, 4)}
+        cells.setdefault(r.arch, {})[r.train_type] = {"accuracy_pct": round(r.accuracy_pct_mean, 4),
+                                                      "f1_pct": round(r.f1_pct_mean, 4)}
     return out
+
+
+def plot_rows(summary: pd.DataFrame, scenario: int, selection: str) -> pd.DataFrame:
+    """plots/accuracy.csv (`dvc plots`): one bar per arch × train type; test-selected ones say so."""
+    plot = summary[(summary.scenario == scenario) & (summary.selection == selection)]
+    mark = " (TEST-selected, reference rule)" if selection == "test_reference" else ""
+    return pd.DataFrame({
+        "model": [f"{ARCH_NAMES.get(a, a)} {TRAIN_NAMES[t]}{mark}" for a, t in zip(plot.arch, plot.train_type)],
+        "accuracy_pct": plot.accuracy_pct_mean.round(4), "f1_pct": plot.f1_pct_mean.round(4)})
 
 
 def _suffix(selection: str, primary: str) -> str:
@@ -460,9 +488,6 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
     atomic.write_csv(out_dir / "accuracy_by_skin_type.csv", skin)
     atomic.write_csv(out_dir / "ablation.csv", ab)
     head = headline(summary, cfg.scenario, chosen)
-    plot = summary[(summary.scenario == cfg.scenario) & (summary.selection == chosen)]
-    atomic.write_csv(out_dir / "plots" / "accuracy.csv", pd.DataFrame({
-        "model": [f"{ARCH_NAMES.get(a, a)} {TRAIN_NAMES[t]}" for a, t in zip(plot.arch, plot.train_type)],
-        "accuracy_pct": plot.accuracy_pct_mean.round(4), "f1_pct": plot.f1_pct_mean.round(4)}))
+    atomic.write_csv(out_dir / "plots" / "accuracy.csv", plot_rows(summary, cfg.scenario, chosen))
     atomic.write_json(out_dir / "metrics.json", head)
     return head
