@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.v2.functional as TF
 import yaml
 from click.testing import CliRunner
@@ -176,17 +177,100 @@ def test_warp_matches_torchvision_transforms():
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     image = torch.stack([128 + 100 * torch.sin(xx / 7), 128 + 100 * torch.cos(yy / 9), (xx + yy) * 1.0])[None]
     angle = 10.0
-    ours = classify.warp(image, crop, torch.tensor([[5.0, 3.0, 50.0, 58.0]]),
-                         torch.tensor([math.radians(angle)]), torch.tensor([True]))
+    ours = classify.warp(image, classify.whole_canvas(image), torch.tensor([[5.0, 3.0, 50.0, 58.0]]),
+                         torch.tensor([math.radians(angle)]), torch.tensor([True]), size, crop)
     ref = TF.resized_crop(image, top=3, left=5, height=58, width=50, size=[size, size])
     ref = TF.center_crop(TF.horizontal_flip(TF.rotate(ref, angle, TF.InterpolationMode.BILINEAR)), [crop, crop])
     assert (ours - ref).abs().mean() < 0.5  # out of 255: equal up to interpolation at the corners
 
 
+def smooth_photo(path: Path, width: int, height: int) -> torch.Tensor:
+    """A non-square photo without fine detail (resampling twice stays close to resampling once), saved as PNG."""
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    photo = torch.stack([128 + 100 * torch.sin(xx / 11), 128 + 100 * torch.cos(yy / 9), (xx + yy) * 1.6])
+    photo = photo.round().clamp(0, 255).to(torch.uint8)
+    Image.fromarray(photo.permute(1, 2, 0).numpy()).save(path)
+    return photo
+
+
+@pytest.mark.parametrize("box, angle, flip, tolerance", [
+    ((0, 0, 90, 60), 0.0, False, 1.0),  # the whole photo: every pixel within 1 of torchvision's
+    ((5, 3, 80, 55), 10.0, True, None),  # rotated: the fill's edge differs, so compare means
+])
+def test_warp_of_a_whole_non_square_photo_matches_torchvision(tmp_path, box, angle, flip, tolerance):
+    size, crop = 36, 32
+    photo = smooth_photo(tmp_path / "p.png", 90, 60)
+    canvas, frames = classify.decode_frames([str(tmp_path / "p.png")], size)
+    assert frames.tolist() == [[90, 60, 45, 36]]  # shorter side 36, longer 54 capped at 36 / 0.8
+    ours = classify.warp(canvas, frames, torch.tensor([box], dtype=torch.float64),
+                         torch.tensor([math.radians(angle)]), torch.tensor([flip]), size, crop)
+    x0, y0, w, h = box
+    ref = TF.rotate(TF.resized_crop(photo.float()[None], y0, x0, h, w, [size, size]), angle,
+                    TF.InterpolationMode.BILINEAR)
+    ref = TF.center_crop(TF.horizontal_flip(ref) if flip else ref, [crop, crop])
+    diff = (ours - ref).abs()
+    assert diff.max() < tolerance if tolerance else diff.mean() < 1.5, (diff.mean(), diff.max())
+
+
+def get_params_boxes(width: int, height: int, n: int) -> torch.Tensor:
+    """n boxes (x0, y0, w, h) from torchvision's own RandomResizedCrop(scale=(0.8, 1)).get_params."""
+    torch.manual_seed(0)
+    image = torch.empty(3, height, width)
+    draws = (torchvision.transforms.RandomResizedCrop.get_params(image, [0.8, 1.0], [3 / 4, 4 / 3]) for _ in range(n))
+    return torch.tensor([[j, i, w, h] for i, j, h, w in draws], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("width, height", [(400, 300), (300, 400), (470, 300)])
+def test_boxes_follow_torchvision_get_params_over_the_whole_frame(width, height):
+    """Same distribution as get_params: box position and size, and how often all 10 tries fail
+    (470 x 300: about 86 % of the time), falling back to the 4:3 centre."""
+    n = 2000
+    ours = classify.random_resized_boxes(torch.tensor([[width, height]]).repeat(n, 1), torch.Generator().manual_seed(0))
+    ref = get_params_boxes(width, height, n)
+    x0, y0, w, h = ours.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
+    assert (x0 == 0).any() and (x0 + w == width).any()  # the whole frame is reachable, both edges
+    for k in range(4):
+        se = math.sqrt(ours[:, k].var() / n + ref[:, k].var() / n)
+        assert abs(ours[:, k].mean() - ref[:, k].mean()) < 5 * se + 1e-9, k
+    fallback = torch.tensor([(width - min(width, round(height * 4 / 3))) // 2, 0, min(width, round(height * 4 / 3)),
+                             height], dtype=torch.float64)
+    share = {name: (boxes == fallback).all(1).double().mean().item() for name, boxes in (("ours", ours), ("ref", ref))}
+    assert abs(share["ours"] - share["ref"]) < 0.03, share
+    tried = ~(ours == fallback).all(1)
+    assert (w * h)[tried].min() >= 0.8 * width * height - (w + h)[tried].max()  # >= 80 % of the area, up to rounding
+
+
+@pytest.mark.parametrize("width, height", [(900, 300), (300, 900), (500, 297)])
+def test_boxes_of_a_panorama_are_torchvision_centre_fallback_exactly(width, height):
+    """Wider than 5:3 (or taller than 3:5) no draw fits: get_params returns its clamped-ratio centre crop."""
+    ours = classify.random_resized_boxes(torch.tensor([[width, height]]).repeat(50, 1), torch.Generator().manual_seed(0))
+    assert torch.equal(ours, get_params_boxes(width, height, 50))
+
+
+def test_training_crops_reach_the_edges_of_a_wide_photo(tmp_path):
+    """A red strip along the left edge of a 4:3 photo: the centre square (the test view, and the
+    training cache before whole frames) cuts it off; training crops of the whole frame see it."""
+    photo = np.full((36, 48, 3), 128, dtype=np.uint8)
+    photo[:, :5] = (255, 0, 0)
+    Image.fromarray(photo).save(tmp_path / "wide.png")
+    items = pd.DataFrame({"path": [str(tmp_path / "wide.png")] * 200, "label": LABELS[0]})
+    train = classify.load_set(items, LABELS, 36, torch.device("cpu"), whole=True)
+    test = classify.load_set(items.head(1), LABELS, 36, torch.device("cpu"))
+
+    def red(x: torch.Tensor) -> torch.Tensor:  # per image: any pixel clearly red after normalisation
+        return ((x[:, 0] > 1.5) & (x[:, 1] < -1.5)).flatten(1).any(1)
+
+    assert not red(classify.normalise(test.images.float() / 255)).any()
+    seen = red(classify.augment(train.images, train.frames, 36, 32, torch.Generator().manual_seed(0)))
+    assert 0.05 < seen.float().mean() < 0.95
+
+
 def test_augment_draws_parameters_per_image_and_is_seeded():
     images = torch.randint(0, 255, (1, 3, 36, 36), dtype=torch.uint8).repeat(6, 1, 1, 1)
-    a = classify.augment(images, 32, torch.Generator().manual_seed(3))
-    b = classify.augment(images, 32, torch.Generator().manual_seed(3))
+    frames = classify.whole_canvas(images)
+    a = classify.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
+    b = classify.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
     assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
     assert len({tuple(x.flatten()[:50].tolist()) for x in a}) == 6
 
