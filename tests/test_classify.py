@@ -275,6 +275,29 @@ def test_augment_draws_parameters_per_image_and_is_seeded():
     assert len({tuple(x.flatten()[:50].tolist()) for x in a}) == 6
 
 
+# --- the epoch loop ------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the reference's order
+def test_lr_schedule_steps_at_the_start_like_the_reference_or_at_the_end():
+    start, end = classify.lr_schedule(1e-3, 30, "start"), classify.lr_schedule(1e-3, 30, "end")
+    assert start == pytest.approx([1e-3] * 9 + [1e-4] * 10 + [1e-5] * 10 + [1e-6])
+    assert end == pytest.approx([1e-3] * 10 + [1e-4] * 10 + [1e-5] * 10)
+    assert classify.lr_schedule(1e-3, 4, "start") == pytest.approx([1e-4, 1e-5, 1e-6, 1e-7])  # the demo's trap
+    assert classify.lr_schedule(1e-3, 4, "end") == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6])
+    for lr_step, epochs in (("start", 30), ("end", 30), ("start", 7)):  # torch's StepLR stepped the same way
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
+        used = []
+        for _ in range(epochs):
+            if lr_step == "start":
+                scheduler.step()
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if lr_step == "end":
+                scheduler.step()
+        assert classify.lr_schedule(1e-3, epochs, lr_step) == pytest.approx(used)
+
+
 # --- metrics -------------------------------------------------------------------------------
 
 def test_score_against_hand_computed_values():
@@ -304,6 +327,7 @@ def test_run_end_to_end_with_validation_selection(tmp_path):
     assert record["n_val"] == 7 and record["n_train"] == {"real": 21, "syn": 21, "total": 42}
     assert record["selection"]["rule"] == "val" and record["selection"]["honest"]
     assert [r["epoch"] for r in record["curve"]] == [1, 2] and all("val_loss" in r for r in record["curve"])
+    assert [r["lr"] for r in record["curve"]] == pytest.approx([1e-3, 1e-4])  # demo params: lr_step end
     assert "test_loss" not in record["curve"][0]  # an honest rule never looks at the test set
     best = min(record["curve"], key=lambda r: r["val_loss"])["epoch"]
     assert record["chosen_epoch"] == best
@@ -314,7 +338,7 @@ def test_run_end_to_end_with_validation_selection(tmp_path):
 
 def test_cli_runs_the_reference_rule_and_labels_it(tmp_path):
     study = write_study(tmp_path)
-    cfg = small_cfg(selection="test_reference", epochs=2)
+    cfg = small_cfg(selection="test_reference", epochs=2, lr_step="start")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     out = tmp_path / "m.json"
@@ -327,6 +351,7 @@ def test_cli_runs_the_reference_rule_and_labels_it(tmp_path):
     assert "TEST" in record["selection"]["label"] and "test_reference" in result.output
     assert record["n_train"] == {"real": 0, "syn": 28, "total": 28}
     assert all("test_loss" in r for r in record["curve"])
+    assert [r["lr"] for r in record["curve"]] == pytest.approx([1e-4, 1e-5])  # stepped before each epoch
     assert record["chosen_epoch"] == min(record["curve"], key=lambda r: r["test_loss"])["epoch"]
     first = record["curve"]
     assert CliRunner().invoke(main, args).exit_code == 0

@@ -16,6 +16,10 @@ Training images are cached whole, aspect ratio kept, and RandomResizedCrop draws
 the whole photo as torchvision does, so a crop can reach the photo's edges; test and validation
 images are cached as Resize + CenterCrop, which is the reference test transform.
 
+classify.lr_step "start" steps StepLR before each epoch's training, as the reference loop does,
+so each decay comes one epoch early (30 epochs: 1e-3 for epochs 1-9, 1e-4 for 10-19, 1e-5 for
+20-29, 1e-6 for 30); "end" steps it after, as StepLR is meant to be used.
+
 Model selection (classify.selection): "last" keeps the final epoch; "val" the epoch with the
 lowest loss on a label-stratified share of the real training images held out (with their
 synthetic offspring) from training; "test_reference" the reference code's rule, the lowest
@@ -363,6 +367,14 @@ def balanced_order(targets: torch.Tensor, generator: torch.Generator) -> torch.T
 
 # --- the epoch loop ------------------------------------------------------------------------
 
+def lr_schedule(lr: float, epochs: int, lr_step: str) -> list[float]:
+    """The learning rate of each epoch under StepLR(step_size=epochs // 3, gamma=0.1), its step()
+    called at each epoch's start (the reference loop: one epoch early) or end. A list rather than
+    a StepLR object, since stepping before optimizer.step() is the order torch warns against."""
+    step_size, shift = max(1, epochs // 3), {"start": 1, "end": 0}[lr_step]
+    return [lr * 0.1 ** ((epoch + shift) // step_size) for epoch in range(epochs)]
+
+
 def train_one_epoch(model: nn.Module, data: ImageSet, batch_size: int, optimizer: torch.optim.Optimizer,
                     crop_size: int, generator: torch.Generator, image_size: int | None = None) -> tuple[float, float]:
     """One pass over a class-balanced draw of the training set; returns (mean loss, accuracy %).
@@ -410,15 +422,15 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: list[Ima
     generator = torch.Generator().manual_seed(seed)  # sampler order and augmentation parameters
     # fused: one kernel per step (3.5x faster than the default on a CPU); same update rule
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ccfg.lr, fused=True)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, ccfg.epochs // 3), gamma=0.1)
     curve, test_preds = [], {}
     chosen, best_val_loss, best_state = ccfg.epochs, math.inf, None
-    bar = tqdm(range(1, ccfg.epochs + 1), desc=desc, unit="epoch")
-    for epoch in bar:
+    bar = tqdm(list(enumerate(lr_schedule(ccfg.lr, ccfg.epochs, ccfg.lr_step), 1)), desc=desc, unit="epoch")
+    for epoch, lr in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss, accuracy = train_one_epoch(model, train, ccfg.batch_size, optimizer, ccfg.crop_size, generator,
                                          ccfg.image_size)
-        scheduler.step()
-        row = {"epoch": epoch, "loss": loss, "accuracy_pct": accuracy}
+        row = {"epoch": epoch, "lr": lr, "loss": loss, "accuracy_pct": accuracy}
         if val is not None:
             row["val_loss"], preds = evaluate(model, val, ccfg.batch_size, ccfg.crop_size)
             row["val_accuracy_pct"] = 100 * (preds == val.targets.cpu()).float().mean().item()
@@ -429,7 +441,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: list[Ima
             results = [evaluate(model, test, ccfg.batch_size, ccfg.crop_size) for test in tests]
             row["test_loss"], test_preds[epoch] = results[0][0], [preds for _, preds in results]
         curve.append(row)
-        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "epoch"})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "epoch"})
     if ccfg.selection == "test_reference":
         eligible = [r for r in curve if r["epoch"] > REFERENCE_AFTER_EPOCH] or curve  # short runs: every epoch
         chosen = min(eligible, key=lambda r: r["test_loss"])["epoch"]
