@@ -298,6 +298,29 @@ def test_lr_schedule_steps_at_the_start_like_the_reference_or_at_the_end():
         assert classify.lr_schedule(1e-3, epochs, lr_step) == pytest.approx(used)
 
 
+def test_reference_rule_chooses_an_epoch_for_each_test_set(monkeypatch):
+    """The ablation tests one classifier on flex_light and flex_dark: each test set gets the epoch
+    of its own lowest loss after epoch 10, not the first set's, and that epoch's predictions."""
+    losses = {"flex_light": [0.1] * 10 + [0.9, 0.5, 0.7, 0.8], "flex_dark": [0.1] * 10 + [0.9, 0.8, 0.6, 0.4]}
+    tests = {name: classify.ImageSet(torch.zeros(3, 3, 36, 36, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
+                                     None) for name in losses}
+    epochs_seen = dict.fromkeys(losses, 0)
+
+    def scripted_evaluate(model, data, batch_size, crop_size):
+        name = next(n for n, test in tests.items() if test is data)
+        epochs_seen[name] += 1
+        return losses[name][epochs_seen[name] - 1], torch.full((3,), epochs_seen[name])  # predictions name their epoch
+
+    monkeypatch.setattr(classify, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(classify, "train_one_epoch", lambda *args: (0.0, 0.0))
+    curve, chosen, preds = classify.fit(torch.nn.Linear(1, 1), None, None, tests,
+                                        small_cfg(selection="test_reference", epochs=14), seed=0)
+    assert chosen == {"flex_light": 12, "flex_dark": 14}  # epochs 1-10 are lower still, but too early
+    assert preds["flex_light"].tolist() == [12] * 3 and preds["flex_dark"].tolist() == [14] * 3
+    assert [r["test_loss_flex_dark"] for r in curve] == losses["flex_dark"]
+    assert [r["test_loss"] for r in classify.curve_for(curve, "flex_dark")] == losses["flex_dark"]
+
+
 # --- metrics -------------------------------------------------------------------------------
 
 def test_score_against_hand_computed_values():
@@ -364,9 +387,14 @@ def test_one_training_run_scores_several_test_sets(tmp_path):
     test.head(4).to_csv(study["split_dir"] / "flex_dark.csv", index=False)
     outputs = {"test": tmp_path / "m_test.json", "flex_dark": tmp_path / "m_flex_dark.json"}
     first, second = classify.run(study["split_dir"], study["images_dir"], None, outputs, "resnet18", "real",
-                                 small_cfg(), seed=0)
+                                 small_cfg(selection="test_reference", epochs=3), seed=0)
     assert (first["test_name"], second["test_name"]) == ("test", "flex_dark")
-    assert first["curve"] == second["curve"] and (first["n_test"], second["n_test"]) == (len(test), 4)
+    assert (first["n_test"], second["n_test"]) == (len(test), 4)
+    for record in (first, second):  # one training curve; each record's test_loss and epoch are its own set's
+        own = [r[f"test_loss_{record['test_name']}"] for r in record["curve"]]
+        assert [r["test_loss"] for r in record["curve"]] == own
+        assert record["chosen_epoch"] == 1 + own.index(min(own))
+    assert [r["loss"] for r in first["curve"]] == [r["loss"] for r in second["curve"]]
     assert json.loads(outputs["flex_dark"].read_text())["n_test"] == 4
     assert first["scenario"] == small_cfg().scenario  # no split.json: the params' scenario
 

@@ -22,8 +22,10 @@ so each decay comes one epoch early (30 epochs: 1e-3 for epochs 1-9, 1e-4 for 10
 
 Model selection (classify.selection): "last" keeps the final epoch; "val" the epoch with the
 lowest loss on a label-stratified share of the real training images held out (with their
-synthetic offspring) from training; "test_reference" the reference code's rule, the lowest
-TEST loss after epoch 10. That rule leaks the test set: its results say so wherever they go.
+synthetic offspring) from training; "test_reference" the reference code's rule, for each test
+set the epoch of lowest loss on that set after epoch 10 (the ablation tests one classifier on
+flex_light and flex_dark: each gets its own epoch). That rule leaks the test set: its results
+say so wherever they go.
 """
 from __future__ import annotations
 
@@ -325,7 +327,8 @@ def warp(images: torch.Tensor, frames: torch.Tensor, boxes: torch.Tensor, angle:
     extent = boxes[:, 2:] * per_pixel
     centre = (2 * boxes[:, :2] + boxes[:, 2:]) * per_pixel - 1
     extent, centre = (t.float().to(images.device)[:, None, None] for t in (extent, centre))
-    out = F.grid_sample(images.float(), q * extent + centre, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(images.float(), q * extent + centre, mode="bilinear", padding_mode="border",
+                        align_corners=False)
     return out * inside[:, None]
 
 
@@ -412,11 +415,12 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int, crop_size: int) 
     return total_loss / len(data.targets), torch.cat(preds)
 
 
-def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: list[ImageSet], cfg: Config, seed: int,
-        desc: str = "train") -> tuple[list[dict], int, list[torch.Tensor]]:
-    """Train for classify.epochs; return the curve, the chosen epoch and its predictions on each test set.
+def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: dict[str, ImageSet], cfg: Config,
+        seed: int, desc: str = "train") -> tuple[list[dict], dict[str, int], dict[str, torch.Tensor]]:
+    """Train for classify.epochs; return the curve and, per test set, the chosen epoch and its predictions.
 
-    The test_reference rule chooses by the loss on the first test set.
+    Curve rows hold val_loss under the "val" rule, and test_loss_{name} for each test set under
+    "test_reference", which chooses an epoch for each test set by that set's own loss.
     """
     ccfg = cfg.classify
     generator = torch.Generator().manual_seed(seed)  # sampler order and augmentation parameters
@@ -438,17 +442,36 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: list[Ima
                 chosen, best_val_loss = epoch, row["val_loss"]
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if ccfg.selection == "test_reference":
-            results = [evaluate(model, test, ccfg.batch_size, ccfg.crop_size) for test in tests]
-            row["test_loss"], test_preds[epoch] = results[0][0], [preds for _, preds in results]
+            for name, test in tests.items():
+                row[f"test_loss_{name}"], test_preds[name, epoch] = evaluate(model, test, ccfg.batch_size, ccfg.crop_size)
         curve.append(row)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "epoch"})
     if ccfg.selection == "test_reference":
-        eligible = [r for r in curve if r["epoch"] > REFERENCE_AFTER_EPOCH] or curve  # short runs: every epoch
-        chosen = min(eligible, key=lambda r: r["test_loss"])["epoch"]
-        return curve, chosen, test_preds[chosen]
+        per_set = {name: reference_epoch(curve, f"test_loss_{name}") for name in tests}
+        return curve, per_set, {name: test_preds[name, epoch] for name, epoch in per_set.items()}
     if best_state is not None:
         model.load_state_dict(best_state)
-    return curve, chosen, [evaluate(model, test, ccfg.batch_size, ccfg.crop_size)[1] for test in tests]
+    preds = {name: evaluate(model, test, ccfg.batch_size, ccfg.crop_size)[1] for name, test in tests.items()}
+    return curve, dict.fromkeys(tests, chosen), preds
+
+
+def reference_epoch(curve: list[dict], key: str) -> int:
+    """The reference rule: the epoch of lowest `key` (one test set's loss) after REFERENCE_AFTER_EPOCH;
+    runs that short choose among every epoch.
+
+    The reference counts epochs from 0: its epoch 10 (our 11) sets the bar and a later epoch is
+    kept only if it beats the best so far, so ties keep the earliest, as min() does. It never saves
+    epoch 11's weights, though: when no later epoch beats it, the reference returns the untrained
+    initial weights. We keep epoch 11 instead.
+    """
+    eligible = [r for r in curve if r["epoch"] > REFERENCE_AFTER_EPOCH] or curve
+    return min(eligible, key=lambda r: r[key])["epoch"]
+
+
+def curve_for(curve: list[dict], test_name: str) -> list[dict]:
+    """The curve as one test set's record holds it: test_loss is that set's loss, where computed."""
+    key = f"test_loss_{test_name}"
+    return [{**row, "test_loss": row[key]} if key in row else row for row in curve]
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -494,23 +517,25 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size).to(device)
     train = load_set(train_items, labels, ccfg.image_size, device, whole=True)
     val = None if val_items is None else load_set(val_items, labels, ccfg.image_size, device)
-    tests = [load_set(real_items(rows, images_dir), labels, ccfg.image_size, device) for rows in tests_rows.values()]
+    tests = {name: load_set(real_items(rows, images_dir), labels, ccfg.image_size, device)
+             for name, rows in tests_rows.items()}
     curve, chosen, preds = fit(model, train, val, tests, cfg, seed, desc=f"{arch} {train_type} seed {seed}")
     kinds = train.table.kind.value_counts()
     scenario = splits.split_scenario(split_dir, cfg.scenario)
     records = []
-    for (test_name, out_json), test, test_preds in zip(outputs.items(), tests, preds):
+    for test_name, out_json in outputs.items():
+        test = tests[test_name]
         record = {
             "scenario": scenario, "seed": seed, "arch": arch, "train_type": train_type, "test_name": test_name,
             "selection": {"rule": ccfg.selection, "label": SELECTION_LABELS[ccfg.selection],
                           "honest": ccfg.selection != "test_reference"},
-            "chosen_epoch": chosen, "epochs": ccfg.epochs, "pretrained": ccfg.pretrained,
+            "chosen_epoch": chosen[test_name], "epochs": ccfg.epochs, "pretrained": ccfg.pretrained,
             "freeze_backbone": ccfg.freeze_backbone, "profile": cfg.profile, "labels": labels,
             "n_train": {"real": int(kinds.get("real", 0)), "syn": int(kinds.get("syn", 0)),
                         "total": len(train.targets)},
             "n_val": 0 if val is None else len(val.targets),
-            **score(test.targets.cpu(), test_preds, labels, test.table.fitzpatrick_scale),
-            "curve": curve, "seconds": round(time.time() - start, 1), "device": str(device),
+            **score(test.targets.cpu(), preds[test_name], labels, test.table.fitzpatrick_scale),
+            "curve": curve_for(curve, test_name), "seconds": round(time.time() - start, 1), "device": str(device),
         }
         atomic.write_json(out_json, record)
         records.append(record)
