@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.v2.functional as TF
 import yaml
 from click.testing import CliRunner
@@ -176,19 +177,148 @@ def test_warp_matches_torchvision_transforms():
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     image = torch.stack([128 + 100 * torch.sin(xx / 7), 128 + 100 * torch.cos(yy / 9), (xx + yy) * 1.0])[None]
     angle = 10.0
-    ours = classify.warp(image, crop, torch.tensor([[5.0, 3.0, 50.0, 58.0]]),
-                         torch.tensor([math.radians(angle)]), torch.tensor([True]))
+    ours = classify.warp(image, classify.whole_canvas(image), torch.tensor([[5.0, 3.0, 50.0, 58.0]]),
+                         torch.tensor([math.radians(angle)]), torch.tensor([True]), size, crop)
     ref = TF.resized_crop(image, top=3, left=5, height=58, width=50, size=[size, size])
     ref = TF.center_crop(TF.horizontal_flip(TF.rotate(ref, angle, TF.InterpolationMode.BILINEAR)), [crop, crop])
     assert (ours - ref).abs().mean() < 0.5  # out of 255: equal up to interpolation at the corners
 
 
+def smooth_photo(path: Path, width: int, height: int) -> torch.Tensor:
+    """A non-square photo without fine detail (resampling twice stays close to resampling once), saved as PNG."""
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    photo = torch.stack([128 + 100 * torch.sin(xx / 11), 128 + 100 * torch.cos(yy / 9), (xx + yy) * 1.6])
+    photo = photo.round().clamp(0, 255).to(torch.uint8)
+    Image.fromarray(photo.permute(1, 2, 0).numpy()).save(path)
+    return photo
+
+
+@pytest.mark.parametrize("box, angle, flip, tolerance", [
+    ((0, 0, 90, 60), 0.0, False, 1.0),  # the whole photo: every pixel within 1 of torchvision's
+    ((5, 3, 80, 55), 10.0, True, None),  # rotated: the fill's edge differs, so compare means
+])
+def test_warp_of_a_whole_non_square_photo_matches_torchvision(tmp_path, box, angle, flip, tolerance):
+    size, crop = 36, 32
+    photo = smooth_photo(tmp_path / "p.png", 90, 60)
+    canvas, frames = classify.decode_frames([str(tmp_path / "p.png")], size)
+    assert frames.tolist() == [[90, 60, 45, 36]]  # shorter side 36, longer 54 capped at 36 / 0.8
+    ours = classify.warp(canvas, frames, torch.tensor([box], dtype=torch.float64),
+                         torch.tensor([math.radians(angle)]), torch.tensor([flip]), size, crop)
+    x0, y0, w, h = box
+    ref = TF.rotate(TF.resized_crop(photo.float()[None], y0, x0, h, w, [size, size]), angle,
+                    TF.InterpolationMode.BILINEAR)
+    ref = TF.center_crop(TF.horizontal_flip(ref) if flip else ref, [crop, crop])
+    diff = (ours - ref).abs()
+    assert diff.max() < tolerance if tolerance else diff.mean() < 1.5, (diff.mean(), diff.max())
+
+
+def get_params_boxes(width: int, height: int, n: int) -> torch.Tensor:
+    """n boxes (x0, y0, w, h) from torchvision's own RandomResizedCrop(scale=(0.8, 1)).get_params."""
+    torch.manual_seed(0)
+    image = torch.empty(3, height, width)
+    draws = (torchvision.transforms.RandomResizedCrop.get_params(image, [0.8, 1.0], [3 / 4, 4 / 3]) for _ in range(n))
+    return torch.tensor([[j, i, w, h] for i, j, h, w in draws], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("width, height", [(400, 300), (300, 400), (470, 300)])
+def test_boxes_follow_torchvision_get_params_over_the_whole_frame(width, height):
+    """Same distribution as get_params: box position and size, and how often all 10 tries fail
+    (470 x 300: about 86 % of the time), falling back to the 4:3 centre."""
+    n = 2000
+    ours = classify.random_resized_boxes(torch.tensor([[width, height]]).repeat(n, 1), torch.Generator().manual_seed(0))
+    ref = get_params_boxes(width, height, n)
+    x0, y0, w, h = ours.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
+    assert (x0 == 0).any() and (x0 + w == width).any()  # the whole frame is reachable, both edges
+    for k in range(4):
+        se = math.sqrt(ours[:, k].var() / n + ref[:, k].var() / n)
+        assert abs(ours[:, k].mean() - ref[:, k].mean()) < 5 * se + 1e-9, k
+    fallback = torch.tensor([(width - min(width, round(height * 4 / 3))) // 2, 0, min(width, round(height * 4 / 3)),
+                             height], dtype=torch.float64)
+    share = {name: (boxes == fallback).all(1).double().mean().item() for name, boxes in (("ours", ours), ("ref", ref))}
+    assert abs(share["ours"] - share["ref"]) < 0.03, share
+    tried = ~(ours == fallback).all(1)
+    assert (w * h)[tried].min() >= 0.8 * width * height - (w + h)[tried].max()  # >= 80 % of the area, up to rounding
+
+
+@pytest.mark.parametrize("width, height", [(900, 300), (300, 900), (500, 297)])
+def test_boxes_of_a_panorama_are_torchvision_centre_fallback_exactly(width, height):
+    """Wider than 5:3 (or taller than 3:5) no draw fits: get_params returns its clamped-ratio centre crop."""
+    ours = classify.random_resized_boxes(torch.tensor([[width, height]]).repeat(50, 1), torch.Generator().manual_seed(0))
+    assert torch.equal(ours, get_params_boxes(width, height, 50))
+
+
+def test_training_crops_reach_the_edges_of_a_wide_photo(tmp_path):
+    """A red strip along the left edge of a 4:3 photo: the centre square (the test view, and the
+    training cache before whole frames) cuts it off; training crops of the whole frame see it."""
+    photo = np.full((36, 48, 3), 128, dtype=np.uint8)
+    photo[:, :5] = (255, 0, 0)
+    Image.fromarray(photo).save(tmp_path / "wide.png")
+    items = pd.DataFrame({"path": [str(tmp_path / "wide.png")] * 200, "label": LABELS[0]})
+    train = classify.load_set(items, LABELS, 36, torch.device("cpu"), whole=True)
+    test = classify.load_set(items.head(1), LABELS, 36, torch.device("cpu"))
+
+    def red(x: torch.Tensor) -> torch.Tensor:  # per image: any pixel clearly red after normalisation
+        return ((x[:, 0] > 1.5) & (x[:, 1] < -1.5)).flatten(1).any(1)
+
+    assert not red(classify.normalise(test.images.float() / 255)).any()
+    seen = red(classify.augment(train.images, train.frames, 36, 32, torch.Generator().manual_seed(0)))
+    assert 0.05 < seen.float().mean() < 0.95
+
+
 def test_augment_draws_parameters_per_image_and_is_seeded():
     images = torch.randint(0, 255, (1, 3, 36, 36), dtype=torch.uint8).repeat(6, 1, 1, 1)
-    a = classify.augment(images, 32, torch.Generator().manual_seed(3))
-    b = classify.augment(images, 32, torch.Generator().manual_seed(3))
+    frames = classify.whole_canvas(images)
+    a = classify.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
+    b = classify.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
     assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
     assert len({tuple(x.flatten()[:50].tolist()) for x in a}) == 6
+
+
+# --- the epoch loop ------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the reference's order
+def test_lr_schedule_steps_at_the_start_like_the_reference_or_at_the_end():
+    start, end = classify.lr_schedule(1e-3, 30, "start"), classify.lr_schedule(1e-3, 30, "end")
+    assert start == pytest.approx([1e-3] * 9 + [1e-4] * 10 + [1e-5] * 10 + [1e-6])
+    assert end == pytest.approx([1e-3] * 10 + [1e-4] * 10 + [1e-5] * 10)
+    assert classify.lr_schedule(1e-3, 4, "start") == pytest.approx([1e-4, 1e-5, 1e-6, 1e-7])  # the demo's trap
+    assert classify.lr_schedule(1e-3, 4, "end") == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6])
+    for lr_step, epochs in (("start", 30), ("end", 30), ("start", 7)):  # torch's StepLR stepped the same way
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
+        used = []
+        for _ in range(epochs):
+            if lr_step == "start":
+                scheduler.step()
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if lr_step == "end":
+                scheduler.step()
+        assert classify.lr_schedule(1e-3, epochs, lr_step) == pytest.approx(used)
+
+
+def test_reference_rule_chooses_an_epoch_for_each_test_set(monkeypatch):
+    """The ablation tests one classifier on flex_light and flex_dark: each test set gets the epoch
+    of its own lowest loss after epoch 10, not the first set's, and that epoch's predictions."""
+    losses = {"flex_light": [0.1] * 10 + [0.9, 0.5, 0.7, 0.8], "flex_dark": [0.1] * 10 + [0.9, 0.8, 0.6, 0.4]}
+    tests = {name: classify.ImageSet(torch.zeros(3, 3, 36, 36, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
+                                     None) for name in losses}
+    epochs_seen = dict.fromkeys(losses, 0)
+
+    def scripted_evaluate(model, data, batch_size, crop_size):
+        name = next(n for n, test in tests.items() if test is data)
+        epochs_seen[name] += 1
+        return losses[name][epochs_seen[name] - 1], torch.full((3,), epochs_seen[name])  # predictions name their epoch
+
+    monkeypatch.setattr(classify, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(classify, "train_one_epoch", lambda *args: (0.0, 0.0))
+    curve, chosen, preds = classify.fit(torch.nn.Linear(1, 1), None, None, tests,
+                                        small_cfg(selection="test_reference", epochs=14), seed=0)
+    assert chosen == {"flex_light": 12, "flex_dark": 14}  # epochs 1-10 are lower still, but too early
+    assert preds["flex_light"].tolist() == [12] * 3 and preds["flex_dark"].tolist() == [14] * 3
+    assert [r["test_loss_flex_dark"] for r in curve] == losses["flex_dark"]
+    assert [r["test_loss"] for r in classify.curve_for(curve, "flex_dark")] == losses["flex_dark"]
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -220,6 +350,7 @@ def test_run_end_to_end_with_validation_selection(tmp_path):
     assert record["n_val"] == 7 and record["n_train"] == {"real": 21, "syn": 21, "total": 42}
     assert record["selection"]["rule"] == "val" and record["selection"]["honest"]
     assert [r["epoch"] for r in record["curve"]] == [1, 2] and all("val_loss" in r for r in record["curve"])
+    assert [r["lr"] for r in record["curve"]] == pytest.approx([1e-3, 1e-4])  # demo params: lr_step end
     assert "test_loss" not in record["curve"][0]  # an honest rule never looks at the test set
     best = min(record["curve"], key=lambda r: r["val_loss"])["epoch"]
     assert record["chosen_epoch"] == best
@@ -230,7 +361,7 @@ def test_run_end_to_end_with_validation_selection(tmp_path):
 
 def test_cli_runs_the_reference_rule_and_labels_it(tmp_path):
     study = write_study(tmp_path)
-    cfg = small_cfg(selection="test_reference", epochs=2)
+    cfg = small_cfg(selection="test_reference", epochs=2, lr_step="start")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     out = tmp_path / "m.json"
@@ -243,6 +374,7 @@ def test_cli_runs_the_reference_rule_and_labels_it(tmp_path):
     assert "TEST" in record["selection"]["label"] and "test_reference" in result.output
     assert record["n_train"] == {"real": 0, "syn": 28, "total": 28}
     assert all("test_loss" in r for r in record["curve"])
+    assert [r["lr"] for r in record["curve"]] == pytest.approx([1e-4, 1e-5])  # stepped before each epoch
     assert record["chosen_epoch"] == min(record["curve"], key=lambda r: r["test_loss"])["epoch"]
     first = record["curve"]
     assert CliRunner().invoke(main, args).exit_code == 0
@@ -255,9 +387,14 @@ def test_one_training_run_scores_several_test_sets(tmp_path):
     test.head(4).to_csv(study["split_dir"] / "flex_dark.csv", index=False)
     outputs = {"test": tmp_path / "m_test.json", "flex_dark": tmp_path / "m_flex_dark.json"}
     first, second = classify.run(study["split_dir"], study["images_dir"], None, outputs, "resnet18", "real",
-                                 small_cfg(), seed=0)
+                                 small_cfg(selection="test_reference", epochs=3), seed=0)
     assert (first["test_name"], second["test_name"]) == ("test", "flex_dark")
-    assert first["curve"] == second["curve"] and (first["n_test"], second["n_test"]) == (len(test), 4)
+    assert (first["n_test"], second["n_test"]) == (len(test), 4)
+    for record in (first, second):  # one training curve; each record's test_loss and epoch are its own set's
+        own = [r[f"test_loss_{record['test_name']}"] for r in record["curve"]]
+        assert [r["test_loss"] for r in record["curve"]] == own
+        assert record["chosen_epoch"] == 1 + own.index(min(own))
+    assert [r["loss"] for r in first["curve"]] == [r["loss"] for r in second["curve"]]
     assert json.loads(outputs["flex_dark"].read_text())["n_test"] == 4
     assert first["scenario"] == small_cfg().scenario  # no split.json: the params' scenario
 

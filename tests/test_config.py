@@ -47,6 +47,7 @@ def test_ints_are_accepted_where_floats_are_expected(raw):
     ("splits", "dedupe", "no", "splits: dedupe must be bool, got 'no'"),
     ("world", "seed", True, "world: seed must be int, got True"),
     ("splits", "sampling", "random", "splits.sampling is 'random'; choose one of pooled, per_type"),
+    ("classify", "lr_step", "middle", "classify.lr_step is 'middle'; choose one of start, end"),
 ])
 def test_mistakes_are_refused_with_a_clear_message(raw, section, key, value, message):
     changed = copy.deepcopy(raw)
@@ -80,4 +81,5 @@ def test_profiles_compose_from_conf_and_match_the_committed_params(repo_cfg):
     assert (paper.textual_inversion.steps, paper.lora.steps, paper.generate.steps) == (500, 3000, 100)
     assert paper.splits.seeds == [0, 42, 123, 1111, 1234]
     assert paper.classify.archs == ["vgg16", "resnet18", "vit_b_16"]
+    assert (paper.classify.lr_step, repo_cfg.classify.lr_step) == ("start", "end")  # reference way; demo: see demo.yaml
     assert config.compose("paper", ["scenario=3"]).scenario == 3

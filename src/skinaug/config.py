@@ -127,6 +127,7 @@ class ClassifyConfig:
     epochs: int  # training epochs
     batch_size: int  # images per step
     lr: float  # Adam learning rate
+    lr_step: str  # StepLR stepped at each epoch's "start" (the reference: decays one epoch early) or "end"
     selection: str  # "last", "val" or "test_reference" (reference rule, leaks the test set)
     val_fraction: float  # share of training sources held out when selection is "val"
     image_size: int  # resize side before the crop
@@ -251,6 +252,7 @@ _CHOICES = {
     "classify.selection": ("last", "val", "test_reference"),
     "textual_inversion.templates": ("authors", "imagenet"),
     "generate.target_per": ("source", "image"),
+    "classify.lr_step": ("start", "end"),
 }
 
 
