@@ -38,9 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 from skinaug import SkinaugError, atomic, data, diffusion, splits
-from skinaug.config import Config
+from skinaug.config import ARCHS, SELECTIONS, Config
 
-ARCHS = ("vgg16", "resnet18", "vit_b_16")
 TRAIN_TYPES = ("real", "syn", "real_syn")
 SELECTION_LABELS = {
     "last": "last epoch",
@@ -51,6 +50,7 @@ REFERENCE_AFTER_EPOCH = 10  # the reference keeps the best test-loss epoch only 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _WEIGHTS = {"vgg16": "VGG16_Weights", "resnet18": "ResNet18_Weights", "vit_b_16": "ViT_B_16_Weights"}
+assert set(_WEIGHTS) == set(ARCHS) and set(SELECTION_LABELS) == set(SELECTIONS), "config.py names the allowed values"
 
 
 # --- the network ---------------------------------------------------------------------------

@@ -18,6 +18,16 @@ from skinaug import SkinaugError
 
 SCENARIOS = (1, 2, 3)
 
+# The allowed names, one home. classify, generate and prompts key their tables by these and
+# assert at import that the keys match; kept here because config must stay light (no torch).
+ARCHS = ("vgg16", "resnet18", "vit_b_16")  # torchvision classifiers (classify._WEIGHTS)
+STRATEGIES = ("img2img_ti_lora", "img2img_ti", "img2img_lora", "img2img_vanilla",  # generate.STRATEGIES
+              "txt2img_ti", "txt2img_vanilla")
+SELECTIONS = ("last", "val", "test_reference")  # model selection rules (classify.SELECTION_LABELS)
+TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
+SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
+DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; cuda:N is not offered: Accelerate picks its own GPU
+
 
 class ConfigError(SkinaugError):
     """A params.yaml problem, worded for the person who has to fix it."""
@@ -244,13 +254,15 @@ def _coerce(hint, value, where: str):
 
 _CHOICES = {
     "data.source": ("world", "fitzpatrick17k"),
-    "splits.sampling": ("pooled", "per_type"),
+    "splits.sampling": SAMPLINGS,
     "model.mixed_precision": ("no", "fp16", "bf16"),
-    "model.device": ("auto", "cpu", "cuda"),
+    "model.device": DEVICES,
     "lora.mode": ("joint", "per_label"),
-    "classify.selection": ("last", "val", "test_reference"),
-    "textual_inversion.templates": ("authors", "imagenet"),
+    "classify.selection": SELECTIONS,
+    "textual_inversion.templates": TI_TEMPLATES,
     "generate.target_per": ("source", "image"),
+    "generate.strategy": STRATEGIES,
+    "ablation.arch": ARCHS,
 }
 
 
