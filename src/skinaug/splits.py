@@ -40,7 +40,7 @@ def flexible_subsets(subset_df: pd.DataFrame, seed: int, cfg: SplitsConfig,
     """
     sampling = sampling or cfg.sampling
     if sampling not in config.SAMPLINGS:  # the CLI's --sampling may override params
-        raise SkinaugError(f"splits.sampling is {sampling!r}; choose one of {', '.join(config.SAMPLINGS)}")
+        raise SkinaugError(f"splits.sampling is {sampling!r}; choose {' or '.join(config.SAMPLINGS)}")
     labels = sorted(subset_df["label"].unique())
     out = []
     for group, scales in (("light", cfg.light), ("dark", cfg.dark)):
