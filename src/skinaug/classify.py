@@ -59,15 +59,12 @@ def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backb
                      image_size: int = 224) -> nn.Module:
     """A torchvision backbone with the reference head; its forward returns log-probabilities.
 
-    image_size only matters for vit_b_16 without pretrained weights (ImageNet ViT needs 224).
+    image_size only matters for vit_b_16 without pretrained weights: ImageNet ViT takes only
+    config.VIT_PRETRAINED_SIZE, which config checks against classify.crop_size on load.
     """
     if arch not in ARCHS:
         raise SkinaugError(f"unknown classifier {arch!r}; choose one of {', '.join(ARCHS)}")
-    kwargs = {}
-    if arch == "vit_b_16" and image_size != 224:
-        if pretrained:
-            raise SkinaugError("ImageNet vit_b_16 needs 224-pixel inputs: set classify.crop_size: 224")
-        kwargs["image_size"] = image_size
+    kwargs = {"image_size": image_size} if arch == "vit_b_16" and not pretrained else {}
     weights = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1 if pretrained else None
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
