@@ -295,7 +295,7 @@ _SEED = _int(0)  # numpy refuses negative seeds
 _POSITIVE = _num(0, open_lo=True)
 _FST = _one_of(range(1, 7))  # the Fitzpatrick scale
 _MD5 = Rule(lambda v: re.fullmatch(r"[0-9a-f]{32}", v) is not None, "32 lower-case hex digits (an md5) or null")
-# The VAE halves the side 3 times and diffusers' pipelines refuse other sides.
+# diffusers' Stable Diffusion pipelines refuse sides that are not multiples of 8.
 _PIXELS = Rule(lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
 
 # Every field but the booleans, checked on load. Optional fields are checked only when set.
@@ -372,6 +372,12 @@ RULES: dict[str, Rule] = {
     "report.seed": _SEED,
 }
 
+def _vit_fits(c: Config) -> bool:
+    """ImageNet ViT weights hold position embeddings for 224-pixel inputs; the other archs pool any size."""
+    vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch)
+    return not (c.classify.pretrained and vit) or c.classify.crop_size == VIT_PRETRAINED_SIZE
+
+
 # Rules between fields: (key, holds for the config c, allowed: formatted with c).
 CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     ("splits.light", lambda c: set(c.splits.light) <= set(c.subset.fitzpatrick_scales),
@@ -383,18 +389,12 @@ CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     ("report.seed", lambda c: c.report.seed in c.splits.seeds, "one of splits.seeds {c.splits.seeds}"),
     ("classify.crop_size", lambda c: c.classify.crop_size <= c.classify.image_size,
      "at most classify.image_size ({c.classify.image_size})"),
-    ("classify.crop_size", lambda c: _vit_fits(c),
+    ("classify.crop_size", _vit_fits,
      f"{VIT_PRETRAINED_SIZE} for pretrained vit_b_16 (classify.archs or ablation.arch), or classify.pretrained: false"),
     # img2img runs int(strength * steps) scheduler steps, and diffusers refuses zero.
     ("generate.strength", lambda c: int(c.generate.strength * c.generate.steps) >= 1,
      "at least 1 / generate.steps (1/{c.generate.steps}) so img2img runs a step"),
 ]
-
-
-def _vit_fits(c: Config) -> bool:
-    """ImageNet ViT weights hold position embeddings for 224-pixel inputs; the other archs pool any size."""
-    vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch)
-    return not (c.classify.pretrained and vit) or c.classify.crop_size == VIT_PRETRAINED_SIZE
 
 
 def _check(cfg: Config, source: str) -> None:
