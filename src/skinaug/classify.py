@@ -48,9 +48,8 @@ from torch import nn
 from tqdm import tqdm
 
 from skinaug import SkinaugError, atomic, data, diffusion, splits
-from skinaug.config import Config
+from skinaug.config import ARCHS, SELECTIONS, Config
 
-ARCHS = ("vgg16", "resnet18", "vit_b_16")
 TRAIN_TYPES = ("real", "syn", "real_syn")
 SELECTION_LABELS = {
     "last": "last epoch",
@@ -64,6 +63,7 @@ ROTATION_DEGREES = 15  # the reference's RandomRotation(15)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _WEIGHTS = {"vgg16": "VGG16_Weights", "resnet18": "ResNet18_Weights", "vit_b_16": "ViT_B_16_Weights"}
+assert set(_WEIGHTS) == set(ARCHS) and set(SELECTION_LABELS) == set(SELECTIONS), "config.py names the allowed values"
 
 
 # --- the network ---------------------------------------------------------------------------
@@ -72,15 +72,12 @@ def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backb
                      image_size: int = 224) -> nn.Module:
     """A torchvision backbone with the reference head; its forward returns log-probabilities.
 
-    image_size only matters for vit_b_16 without pretrained weights (ImageNet ViT needs 224).
+    image_size only matters for vit_b_16 without pretrained weights: ImageNet ViT takes only
+    config.VIT_PRETRAINED_SIZE, which config checks against classify.crop_size on load.
     """
     if arch not in ARCHS:
         raise SkinaugError(f"unknown classifier {arch!r}; choose one of {', '.join(ARCHS)}")
-    kwargs = {}
-    if arch == "vit_b_16" and image_size != 224:
-        if pretrained:
-            raise SkinaugError("ImageNet vit_b_16 needs 224-pixel inputs: set classify.crop_size: 224")
-        kwargs["image_size"] = image_size
+    kwargs = {"image_size": image_size} if arch == "vit_b_16" and not pretrained else {}
     weights = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1 if pretrained else None
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)

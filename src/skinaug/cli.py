@@ -95,7 +95,7 @@ def images(ctx, subset_csv: Path, out_dir: Path, available: Path, failures: Path
 @click.argument("out_dir", type=PathArg)
 @click.option("--scenario", type=int, default=None, help="1, 2 or 3; default from params.")
 @_seed_option
-@click.option("--sampling", type=click.Choice(["pooled", "per_type"]), default=None, help="Default from params.")
+@click.option("--sampling", type=click.Choice(config.SAMPLINGS), default=None, help="Default from params.")
 @click.option("--images", "images_dir", type=ExistingPath, default=None,
               help="Folder of {md5hash}.jpg; needed only with splits.dedupe (finds near-duplicates).")
 @click.pass_context
@@ -161,7 +161,8 @@ def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, 
 @click.option("--lora-dir", "lora_dirs", type=ExistingPath, multiple=True,
               help="LoRA folder (strategies with lora); repeat it to offer the token LoRA and the plain-name one: "
                    "the strategy takes the one trained as it needs.")
-@click.option("--strategy", default=None, help="Generation strategy; default from params (generate.strategy).")
+@click.option("--strategy", type=click.Choice(config.STRATEGIES), default=None,
+              help="Generation strategy; default from params (generate.strategy).")
 @click.option("--sources-per-label", type=int, default=0, show_default=True,
               help="Use only the first N training images of each label (0: all); the ablation's size.")
 @_seed_option
@@ -183,7 +184,7 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
 @click.argument("images_dir", type=ExistingPath)
 @click.argument("out_json", type=PathArg)
 @click.option("--syn-dir", type=ExistingPath, default=None, help="Synthetic images with manifest.csv (syn, real_syn).")
-@click.option("--arch", required=True, help="vgg16, resnet18 or vit_b_16.")
+@click.option("--arch", type=click.Choice(config.ARCHS), required=True, help="Classifier architecture.")
 @click.option("--train-type", required=True, type=click.Choice(["real", "syn", "real_syn"]))
 @click.option("--test", "test_names", multiple=True, default=["test"], show_default=True,
               help="Split CSV(s) to test on (test, flex_light, flex_dark); with several, OUT_JSON holds {test}.")
@@ -271,7 +272,7 @@ def tone(ctx, split_dir: Path, images_dir: Path, out_dir: Path, syn_dir: Path | 
 @click.option("--tiny", is_flag=True, help="The tiny model at 16 px: the same code, seconds on a CPU (not GPU figures).")
 @click.option("--out-dir", type=PathArg, default=Path("benchmarks/results"), show_default=True,
               help="Where the JSON goes ({date}_{device}.json).")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 @click.option("--only", default="generation,ti,lora,classifiers", show_default=True,
               help="Comma-separated workloads; the study estimate needs all four.")
 @click.option("--base", type=ExistingPath, default=None,

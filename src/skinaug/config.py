@@ -2,15 +2,20 @@
 
 params.yaml is composed by DVC's Hydra integration from conf/ (a `profile` group
 holding `demo` and `paper`), so it always holds the values actually used.
-Unknown keys, missing keys and wrong types fail with one clear line.
+Unknown keys, missing keys, wrong types, values out of range (RULES) and settings that
+contradict each other (CROSS_RULES) fail with one clear line, before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -18,9 +23,20 @@ from skinaug import SkinaugError
 
 SCENARIOS = (1, 2, 3)
 
+# The allowed names, one home. classify, generate and prompts key their tables by these and
+# assert at import that the keys match; kept here because config must stay light (no torch).
+ARCHS = ("vgg16", "resnet18", "vit_b_16")  # torchvision classifiers (classify._WEIGHTS)
+STRATEGIES = ("img2img_ti_lora", "img2img_ti", "img2img_lora", "img2img_vanilla",  # generate.STRATEGIES
+              "txt2img_ti", "txt2img_vanilla")
+SELECTIONS = ("last", "val", "test_reference")  # model selection rules (classify.SELECTION_LABELS)
+TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
+SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
+DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; cuda:N is not offered: Accelerate picks its own GPU
+VIT_PRETRAINED_SIZE = 224  # the only input side ImageNet vit_b_16 weights take (classify.crop_size)
+
 
 class ConfigError(SkinaugError):
-    """A params.yaml problem, worded for the person who has to fix it."""
+    """A params.yaml problem, worded for the person who has to fix it (one line)."""
 
 
 @dataclass(frozen=True)
@@ -243,26 +259,156 @@ def _coerce(hint, value, where: str):
     return value
 
 
-_CHOICES = {
-    "data.source": ("world", "fitzpatrick17k"),
-    "splits.sampling": ("pooled", "per_type"),
-    "model.mixed_precision": ("no", "fp16", "bf16"),
-    "model.device": ("auto", "cpu", "cuda"),
-    "lora.mode": ("joint", "per_label"),
-    "classify.selection": ("last", "val", "test_reference"),
-    "textual_inversion.templates": ("authors", "imagenet"),
-    "generate.target_per": ("source", "image"),
-    "classify.lr_step": ("start", "end"),
+class Rule(NamedTuple):
+    ok: Callable[[Any], bool]  # given a value of the field's (already checked) type
+    allowed: str  # what the error message offers instead
+
+
+def _span(what: str, lo, hi=None, open_lo: bool = False, open_hi: bool = False) -> Rule:
+    def ok(v) -> bool:
+        return (v > lo if open_lo else v >= lo) and (hi is None or (v < hi if open_hi else v <= hi))
+
+    if hi is None:
+        return Rule(ok, f"{what} {'>' if open_lo else '>='} {lo}")
+    return Rule(ok, f"{what} in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
+
+
+def _int(lo: int, hi: int | None = None) -> Rule:
+    return _span("an integer", lo, hi)
+
+
+def _num(lo: float, hi: float | None = None, open_lo: bool = False, open_hi: bool = False) -> Rule:
+    return _span("a number", lo, hi, open_lo, open_hi)
+
+
+def _one_of(names) -> Rule:
+    return Rule(lambda v: v in names, "one of " + ", ".join(map(str, names)))
+
+
+def _each(item: Rule) -> Rule:
+    """Every list setting (seeds, labels, skin types, archs...) names a set: a repeat is a mistake."""
+    return Rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and all(map(item.ok, v)),
+                f"a non-empty list without repeats, each {item.allowed}")
+
+
+_TEXT = Rule(lambda v: v.strip() != "", "non-empty text")
+_SEED = _int(0)  # numpy refuses negative seeds
+_POSITIVE = _num(0, open_lo=True)
+_FST = _one_of(range(1, 7))  # the Fitzpatrick scale
+_MD5 = Rule(lambda v: re.fullmatch(r"[0-9a-f]{32}", v) is not None, "32 lower-case hex digits (an md5) or null")
+# diffusers' Stable Diffusion pipelines refuse sides that are not multiples of 8.
+_PIXELS = Rule(lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
+
+# Every field but the booleans, checked on load. Optional fields are checked only when set.
+# Where 0 is allowed it has a meaning, given by the field's comment above.
+RULES: dict[str, Rule] = {
+    "profile": _TEXT,
+    "scenario": _one_of(SCENARIOS),
+    "data.source": _one_of(("world", "fitzpatrick17k")),
+    "data.metadata": _TEXT,
+    "data.metadata_md5": _MD5,
+    "data.images_dir": _TEXT,
+    "world.seed": _SEED,
+    "world.image_size": _int(16, 512),  # all 1,631 images are drawn in memory; below 16 px a lesion is a dot
+    "download.workers": _int(1),
+    "download.timeout_s": _POSITIVE,
+    "download.retries": _int(0),
+    "download.backoff_s": _num(0),
+    "subset.labels": _each(_TEXT),
+    "subset.fitzpatrick_scales": _each(_FST),
+    "splits.seeds": _each(_SEED),
+    "splits.sampling": _one_of(SAMPLINGS),
+    "splits.per_label": _int(1),
+    "splits.light": _each(_FST),
+    "splits.dark": _each(_FST),
+    "model.base": _TEXT,
+    "model.revision": _TEXT,
+    "model.resolution": _PIXELS,
+    "model.mixed_precision": _one_of(("no", "fp16", "bf16")),
+    "model.device": _one_of(DEVICES),
+    "model.seed": _SEED,
+    "model.tiny_corpus": _int(1),
+    "model.tiny_vae_steps": _int(0),
+    "model.tiny_unet_steps": _int(0),
+    "textual_inversion.init_token": _TEXT,
+    "textual_inversion.steps": _int(1),
+    "textual_inversion.batch_size": _int(1),
+    "textual_inversion.grad_accum": _int(1),
+    "textual_inversion.lr": _POSITIVE,
+    "textual_inversion.weight_decay": _num(0),
+    "textual_inversion.flip_p": _num(0, 1),
+    "textual_inversion.checkpoint_every": _int(0),
+    "textual_inversion.tokens_per_pass": _int(0),
+    "textual_inversion.templates": _one_of(TI_TEMPLATES),
+    "lora.rank": _int(1),
+    "lora.alpha": _int(1),
+    "lora.targets": _each(_TEXT),
+    "lora.steps": _int(1),
+    "lora.batch_size": _int(1),
+    "lora.lr": _POSITIVE,
+    "lora.max_grad_norm": _num(0),
+    "lora.weight_decay": _num(0),
+    "lora.checkpoint_every": _int(0),
+    "lora.mode": _one_of(("joint", "per_label")),
+    "generate.per_source": _int(1),
+    "generate.strength": _num(0, 1, open_lo=True),  # 0 would return the source unchanged
+    "generate.steps": _int(1),
+    "generate.guidance": _num(1),  # diffusers treats any scale <= 1 as no guidance: 1 says so
+    "generate.out_size": _int(1),
+    "generate.batch_size": _int(0),
+    "generate.strategy": _one_of(STRATEGIES),
+    "generate.target_per": _one_of(("source", "image")),
+    "classify.archs": _each(_one_of(ARCHS)),
+    "classify.epochs": _int(1),
+    "classify.batch_size": _int(1),
+    "classify.lr": _POSITIVE,
+    "classify.selection": _one_of(SELECTIONS),
+    "classify.val_fraction": _num(0, 1, open_lo=True, open_hi=True),  # both sides must keep images
+    "classify.image_size": _int(1),
+    "classify.crop_size": _int(1),
+    "classify.lr_step": _one_of(("start", "end")),
+    "ablation.strategies": _each(_one_of(STRATEGIES)),
+    "ablation.arch": _one_of(ARCHS),
+    "ablation.seeds": _each(_SEED),
+    "ablation.sources_per_label": _int(0),
+    "report.seed": _SEED,
 }
+
+def _vit_fits(c: Config) -> bool:
+    """ImageNet ViT weights hold position embeddings for 224-pixel inputs; the other archs pool any size."""
+    vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch)
+    return not (c.classify.pretrained and vit) or c.classify.crop_size == VIT_PRETRAINED_SIZE
+
+
+# Rules between fields: (key, holds for the config c, allowed: formatted with c).
+CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
+    ("splits.light", lambda c: set(c.splits.light) <= set(c.subset.fitzpatrick_scales),
+     "skin types within subset.fitzpatrick_scales {c.subset.fitzpatrick_scales}"),
+    ("splits.dark", lambda c: set(c.splits.dark) <= set(c.subset.fitzpatrick_scales),
+     "skin types within subset.fitzpatrick_scales {c.subset.fitzpatrick_scales}"),
+    ("splits.dark", lambda c: not set(c.splits.light) & set(c.splits.dark),
+     "skin types not in splits.light {c.splits.light}"),
+    ("report.seed", lambda c: c.report.seed in c.splits.seeds, "one of splits.seeds {c.splits.seeds}"),
+    ("classify.crop_size", lambda c: c.classify.crop_size <= c.classify.image_size,
+     "at most classify.image_size ({c.classify.image_size})"),
+    ("classify.crop_size", _vit_fits,
+     f"{VIT_PRETRAINED_SIZE} for pretrained vit_b_16 (classify.archs or ablation.arch), or classify.pretrained: false"),
+    # img2img runs int(strength * steps) scheduler steps, and diffusers refuses zero.
+    ("generate.strength", lambda c: int(c.generate.strength * c.generate.steps) >= 1,
+     "at least 1 / generate.steps (1/{c.generate.steps}) so img2img runs a step"),
+]
 
 
 def _check(cfg: Config, source: str) -> None:
-    check_scenario(cfg.scenario)
-    for dotted, allowed in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{source}: {dotted} is {value!r}; choose one of {', '.join(allowed)}")
+    """One line naming the key, its value and what is allowed, for the first rule broken."""
+    for key, rule in RULES.items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if value is not None and not rule.ok(value):
+            raise ConfigError(f"{source}: {key} is {value!r}; allowed: {rule.allowed}")
+    for key, holds, allowed in CROSS_RULES:
+        if not holds(cfg):
+            value = functools.reduce(getattr, key.split("."), cfg)
+            raise ConfigError(f"{source}: {key} is {value!r}; allowed: {allowed.format(c=cfg)}")
 
 
 def check_scenario(scenario: int) -> int:

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, config, data, diffusion, prompts
 from skinaug.config import Config
 
 
@@ -45,6 +45,7 @@ STRATEGIES = {
     "txt2img_ti": Strategy(False, True, False),
     "txt2img_vanilla": Strategy(False, False, False),
 }
+assert set(STRATEGIES) == set(config.STRATEGIES), "config.STRATEGIES names the allowed strategies"
 
 PLAN_COLUMNS = ["file", "source_md5hash", "label", "fitzpatrick_scale", "source_fitzpatrick_scale", "prompt",
                 "seed", "strength", "guidance", "steps", "strategy"]

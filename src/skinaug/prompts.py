@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from skinaug import config
+
 # One learned token per condition, in the dataset's own label wording.
 TOKENS = {
     "basal cell carcinoma": "<bas-class>",
@@ -48,6 +50,7 @@ TI_TEMPLATES = {
         "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
     ],
 }
+assert set(TI_TEMPLATES) == set(config.TI_TEMPLATES), "config.TI_TEMPLATES names the allowed template sets"
 
 
 def token(label: str) -> str:

@@ -39,8 +39,8 @@ def flexible_subsets(subset_df: pd.DataFrame, seed: int, cfg: SplitsConfig,
     Both come back in CSV order.
     """
     sampling = sampling or cfg.sampling
-    if sampling not in ("pooled", "per_type"):
-        raise SkinaugError(f"splits.sampling is {sampling!r}; choose pooled or per_type")
+    if sampling not in config.SAMPLINGS:  # the CLI's --sampling may override params
+        raise SkinaugError(f"splits.sampling is {sampling!r}; choose {' or '.join(config.SAMPLINGS)}")
     labels = sorted(subset_df["label"].unique())
     out = []
     for group, scales in (("light", cfg.light), ("dark", cfg.dark)):
