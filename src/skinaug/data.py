@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import requests
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from skinaug import SkinaugError, atomic
@@ -245,7 +245,7 @@ def _run_all(rows: pd.DataFrame, fetch, workers: int) -> dict[str, str]:
 
 def _copy_local(row, source: Path, out_dir: Path) -> str:
     dest = out_dir / f"{row.md5hash}.jpg"
-    if _image_problem(dest) is None:
+    if _already_there(dest):
         return "present"
     found = next((p for p in (source / f"{row.md5hash}{s}" for s in _SUFFIXES) if p.exists()), None)
     if found is None:
@@ -253,7 +253,7 @@ def _copy_local(row, source: Path, out_dir: Path) -> str:
     data = found.read_bytes()
     problem = _image_problem(data)
     if problem:
-        return f"{found.name} is not a readable image ({problem})"
+        return f"{problem} ({found})"
     _store(data, dest)
     return "fetched"
 
@@ -263,7 +263,7 @@ _local = threading.local()
 
 def _download_one(row, out_dir: Path, cfg: DownloadConfig) -> str:
     dest = out_dir / f"{row.md5hash}.jpg"
-    if _image_problem(dest) is None:
+    if _already_there(dest):
         return "present"
     if not isinstance(row.url, str) or not row.url.startswith(("http://", "https://")):
         return f"no usable url ({row.url!r})"
@@ -288,26 +288,36 @@ def _download_one(row, out_dir: Path, cfg: DownloadConfig) -> str:
                 continue  # the server may recover
             return reason  # 404 and friends will not change on a retry
         problem = _image_problem(resp.content)
-        if problem:
-            return f"not an image ({problem})"  # an error page served as 200; retrying gives the same page
+        if problem:  # an error page served as 200, or a cut-off body; retrying gives the same
+            return f"{problem} (HTTP 200, Content-Type {resp.headers.get('Content-Type', 'not given')})"
         _store(resp.content, dest)
         return "fetched"
     return reason
 
 
-def _image_problem(data: bytes | Path) -> str | None:
-    """None when `data` (bytes or a file) decodes completely as an image, else what is wrong."""
-    if isinstance(data, Path) and not data.exists():
-        return "missing"
+def _already_there(dest: Path) -> bool:
+    """True when dest is a good image (an earlier run's); a broken one is removed, never passed on."""
+    if not dest.exists():
+        return False
+    if _image_problem(dest.read_bytes()) is None:
+        return True
+    dest.unlink()
+    return False
+
+
+def _image_problem(data: bytes) -> str | None:
+    """None when the bytes decode completely as an image, else why not (a failures CSV reason)."""
+    if not data:
+        return "unreadable image: empty (0 bytes)"
     try:
-        src = io.BytesIO(data) if isinstance(data, bytes) else data
-        with Image.open(src) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.verify()
-        src = io.BytesIO(data) if isinstance(data, bytes) else data
-        with Image.open(src) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()  # verify() misses truncated JPEG data; a full decode does not
+    except UnidentifiedImageError:  # its message names a BytesIO object: say what the bytes look like
+        return f"unreadable image: not an image format ({len(data)} bytes starting {data[:16]!r})"
     except Exception as e:  # PIL raises many types for bad data
-        return f"{type(e).__name__}: {e}"[:120]
+        return f"unreadable image: {type(e).__name__}: {e}"[:160]
     return None
 
 
