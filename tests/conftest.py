@@ -60,3 +60,22 @@ def fitz_csv() -> Path:
     if not Path(path).is_file():
         pytest.fail(f"SKINAUG_FITZ_CSV={path} is not a file")
     return Path(path)
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    """A function writing the committed params.yaml with some sections' keys changed, returning its path.
+
+    params_file(data={"allow_missing": True}) -> tmp_path/params.yaml, for `skinaug --params`.
+    """
+    import yaml
+
+    def write(**sections) -> Path:
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for section, values in sections.items():
+            raw[section].update(values)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write

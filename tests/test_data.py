@@ -5,6 +5,9 @@ Real-data checks run when SKINAUG_FITZ_CSV names fitzpatrick17k.csv, and skip ot
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -12,13 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from skinaug import SkinaugError, atomic, cli, config, data, world
 
-ROOT = Path(__file__).resolve().parents[1]
 PINNED_MD5 = "75556ecbd0bd6227050112565c24b991"  # SPEC §1, data.dvc
 FST_TOTALS = {1: 420, 2: 864, 5: 251, 6: 96}
 LABEL_TOTALS = {"basal cell carcinoma": 272, "folliculitis": 167, "nematode infection": 115,
@@ -60,6 +61,14 @@ def test_tampered_metadata_is_refused(fitz_csv, tmp_path):
     assert PINNED_MD5 in message and atomic.file_hash(copy, "md5") in message and "dvc update data.dvc" in message
 
 
+def test_real_subset_command_drops_unknown_skin_type(fitz_csv, params_file, tmp_path):
+    out = CliRunner().invoke(cli.main, ["--params", str(params_file()), "subset", str(fitz_csv),
+                                        str(tmp_path / "subset.csv")])
+    assert out.exit_code == 0, out.output
+    assert "subset: 1631 of 16577 rows" in out.output
+    assert "(565 of unknown skin type, fitzpatrick_scale -1, dropped)" in out.output
+
+
 # --- metadata checks without the real file ------------------------------------------
 
 def test_load_metadata_checks_md5_and_columns(world_dir, tmp_path):
@@ -91,6 +100,105 @@ def test_study_subset_filters_and_names_unknown_labels(world_dir, repo_cfg):
     typo = config.replace(repo_cfg.subset, labels=["psoriasis", "psoriasiss"])
     with pytest.raises(SkinaugError, match="psoriasiss"):
         data.study_subset(meta, typo)
+
+
+def _edited(edit):
+    """Bad metadata made by editing the world's rows, read as text so that any value can be written."""
+    def make(world_csv: Path) -> bytes:
+        meta = pd.read_csv(world_csv, dtype=str, keep_default_na=False)
+        edit(meta)
+        return meta.to_csv(index=False).encode()
+    return make
+
+
+def _set(column: str, value: str, rows=(3,)):
+    def edit(meta):
+        meta.loc[list(rows) if rows else meta.index, column] = value
+    return _edited(edit)
+
+
+def _duplicate(meta):
+    meta.loc[[4, 9], "md5hash"] = meta.loc[3, "md5hash"]
+
+
+def _png(_) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _longer_rows(p: Path) -> bytes:
+    header, *rows = p.read_bytes().splitlines()
+    return b"\n".join([header, *(row + b",extra" for row in rows)]) + b"\n"
+
+
+def _json(indent):
+    return lambda p: json.dumps(pd.read_csv(p, dtype=str).head(3).to_dict("records"), indent=indent).encode()
+
+
+# Each: what the metadata file holds (None: a folder, not a file) -> what the one error line says.
+BAD_METADATA = {
+    "a binary file": (_png, "is not text"),
+    "text with NUL bytes": (lambda p: p.read_bytes()[:300] + b"\0\0\0", "is not text .*NUL"),
+    "latin-1 text": (lambda p: p.read_text().replace("psoriasis", "psoriasis \xe9").encode("latin-1"),
+                     "is not UTF-8 text.*CSV UTF-8"),
+    "an empty file": (lambda p: b"", "is empty"),
+    "blank lines": (lambda p: b"\n\n  \n", "is empty"),
+    "JSON, indented": (_json(1), "is not a CSV"),
+    "JSON on one line": (_json(None), "is not a Fitzpatrick17k metadata CSV"),
+    "one column (semicolons)": (lambda p: p.read_bytes().replace(b",", b";"), "save it with commas, not ';'"),
+    "a header only": (lambda p: p.read_bytes().split(b"\n")[0] + b"\n", "has a header but no rows"),
+    "rows longer than the header": (_longer_rows, "more fields than its header"),
+    "a missing column": (lambda p: pd.read_csv(p, dtype=str).drop(columns="url").to_csv(index=False).encode(),
+                         "lacks column.*url"),
+    "fitzpatrick_scale 'V'": (_set("fitzpatrick_scale", "V"), r"fitzpatrick_scale must be 1 to 6.*line 5 \('V'\)"),
+    "fitzpatrick_scale 7": (_set("fitzpatrick_scale", "7", rows=(3, 4, 5, 6, 7)),
+                            r"fitzpatrick_scale must be 1 to 6.*line 5 \('7'\).*line 7 \('7'\) and 2 more"),
+    "fitzpatrick_scale 0": (_set("fitzpatrick_scale", "0"), "fitzpatrick_scale must be 1 to 6, or -1"),
+    "fitzpatrick_scale 2.5": (_set("fitzpatrick_scale", "2.5"), "fitzpatrick_scale must be 1 to 6, or -1"),
+    "fitzpatrick_scale empty": (_set("fitzpatrick_scale", ""), r"fitzpatrick_scale must be .*line 5 \(empty\)"),
+    "label empty": (_set("label", ""), r"label is empty: line 5 \(empty\)"),
+    "label blank": (_set("label", "  "), "label is empty"),
+    "md5hash empty": (_set("md5hash", ""), r"md5hash must name an image file.*line 5 \(empty\)"),
+    "md5hash a path": (_set("md5hash", "../outside"), "md5hash must name an image file.*'../outside'"),
+    "md5hash twice": (_edited(_duplicate), r"1 md5hash value\(s\) on more than one row \([0-9a-f]{32} on lines 5, 6, 11\)"),
+    "no study rows": (_set("fitzpatrick_scale", "3", rows=None), "no metadata row has one of subset.labels"),
+    "a folder": (None, "is a folder; give the metadata CSV file itself"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_METADATA)
+def test_bad_metadata_is_refused_in_one_line(case, world_dir, params_file, tmp_path):
+    make, expected = BAD_METADATA[case]
+    bad = tmp_path / "metadata.csv"
+    if make is None:
+        bad.mkdir()
+    else:
+        bad.write_bytes(make(world_dir / "metadata.csv"))
+    out_csv, table = tmp_path / "subset.csv", tmp_path / "table1.md"
+    out = CliRunner().invoke(cli.main, ["--params", str(params_file()), "subset", str(bad), str(out_csv),
+                                        "--table", str(table)])
+    assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output  # refused, not crashed
+    lines = out.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out.output
+    assert re.search(expected, lines[0]), lines[0]
+    assert not out_csv.exists() and not table.exists()
+
+
+def test_unknown_skin_type_rows_are_dropped_and_counted(world_dir, params_file, tmp_path):
+    meta = pd.read_csv(world_dir / "metadata.csv", dtype=str, keep_default_na=False)
+    unknown = meta.head(5).assign(md5hash=[f"{i:032x}" for i in range(5)], fitzpatrick_scale="-1")
+    path = tmp_path / "metadata.csv"
+    pd.concat([meta, unknown]).to_csv(path, index=False)
+    # Dropped even when subset.fitzpatrick_scales asks for them: no study can place an unknown skin type.
+    for scales in ([1, 2, 5, 6], [-1, 1, 2, 5, 6]):
+        out = CliRunner().invoke(cli.main, ["--params", str(params_file(subset={"fitzpatrick_scales": scales})),
+                                            "subset", str(path), str(tmp_path / "subset.csv")])
+        assert out.exit_code == 0, out.output
+        assert "subset: 1631 of 1636 rows" in out.output, out.output
+        assert "(5 of unknown skin type, fitzpatrick_scale -1, dropped)" in out.output, out.output
+        kept = pd.read_csv(tmp_path / "subset.csv")
+        assert len(kept) == 1631 and -1 not in set(kept["fitzpatrick_scale"])
 
 
 # --- the demo world --------------------------------------------------------------------
@@ -175,18 +283,16 @@ def test_classifier_trained_on_light_skin_loses_accuracy_on_dark(world_dir):
 
 # --- the stages through the CLI, as dvc.yaml runs them ---------------------------------
 
-def test_world_subset_images_splits_commands(world_dir, tmp_path):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"]["images_dir"] = str(world_dir / "images")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw))
+def test_world_subset_images_splits_commands(world_dir, params_file, tmp_path):
+    params = params_file(data={"images_dir": str(world_dir / "images")})
     run = CliRunner().invoke
     base = ["--params", str(params)]
 
     out = run(cli.main, base + ["subset", str(world_dir / "metadata.csv"), str(tmp_path / "subset.csv"),
                                 "--table", str(tmp_path / "table1.md")])
     assert out.exit_code == 0, out.output
-    assert "1631 of 1631" in out.output and "| total | 420 | 864 | 251 | 96 | 1631 |" in (tmp_path / "table1.md").read_text()
+    assert "1631 of 1631 rows" in out.output and "(0 of unknown skin type" in out.output
+    assert "| total | 420 | 864 | 251 | 96 | 1631 |" in (tmp_path / "table1.md").read_text()
     out = run(cli.main, base + ["images", str(tmp_path / "subset.csv"), str(tmp_path / "images"),
                                 "--available", str(tmp_path / "available.csv"), "--failures", str(tmp_path / "f.csv")])
     assert out.exit_code == 0, out.output

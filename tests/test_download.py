@@ -11,12 +11,14 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pandas as pd
 import pytest
 import requests
+from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, data
+from skinaug import SkinaugError, cli, data
 from skinaug.config import DataConfig, DownloadConfig
 
 FAST = DownloadConfig(workers=4, timeout_s=0.5, retries=1, backoff_s=0.01)
@@ -29,11 +31,16 @@ def _image_bytes(fmt: str, colour=(200, 120, 100)) -> bytes:
 
 
 JPEG, PNG = _image_bytes("JPEG"), _image_bytes("PNG")
+# A photo-like JPEG cut short of its end: PIL's verify() passes it, only a full decode fails.
+_noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+_buf = io.BytesIO()
+_noise.save(_buf, format="JPEG")
+CUT_JPEG = _buf.getvalue()[:-100]
 
 
 class _Handler(BaseHTTPRequestHandler):
     """/jpg/*, /png/*: images; /gone: 404; /slow: answers after 3 s; /html: a page, not an image;
-    /flaky: 503 on the first request, then an image."""
+    /cut: a JPEG cut short; /flaky: 503 on the first request, then an image."""
 
     def do_GET(self):  # noqa: N802 - http.server's name
         with self.server.lock:
@@ -44,10 +51,12 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(3)
         status, body = {
             "jpg": (200, JPEG), "png": (200, PNG), "slow": (200, JPEG), "gone": (404, b"not found"),
-            "html": (200, b"<html>hotlink protection</html>"), "flaky": (503 if hits == 1 else 200, JPEG),
+            "html": (200, b"<html>hotlink protection</html>"), "cut": (200, CUT_JPEG),
+            "flaky": (503 if hits == 1 else 200, JPEG),
         }[kind]
         try:
             self.send_response(status)
+            self.send_header("Content-Type", "text/html" if kind in ("html", "gone") else "image/jpeg")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -96,7 +105,7 @@ def _collect(tmp_path, subset_csv, cfg, download=FAST):
 
 
 def test_download_keeps_good_images_and_reports_each_failure(tmp_path, server):
-    paths = ["/jpg/a", "/png/b", "/flaky/c", "/gone/d", "/slow/e", "/html/f"]
+    paths = ["/jpg/a", "/png/b", "/flaky/c", "/gone/d", "/slow/e", "/html/f", "/cut/g"]
     subset_csv, rows = _subset(tmp_path, server, paths)
     start = time.monotonic()
     available = _collect(tmp_path, subset_csv, _data_cfg(allow_missing=True))
@@ -110,10 +119,13 @@ def test_download_keeps_good_images_and_reports_each_failure(tmp_path, server):
     failures = pd.read_csv(tmp_path / "reports" / "failures.csv").set_index("url")["reason"]
     assert failures[server.url + "/gone/d"] == "HTTP 404"
     assert failures[server.url + "/slow/e"].startswith("timeout")
-    assert failures[server.url + "/html/f"].startswith("not an image")
+    assert failures[server.url + "/html/f"] == ("unreadable image: not an image format (31 bytes starting "
+                                                "b'<html>hotlink pr') (HTTP 200, Content-Type text/html)")
+    assert failures[server.url + "/cut/g"].startswith("unreadable image: OSError: image file is truncated")
+    assert sorted(p.stem for p in (tmp_path / "images").iterdir()) == sorted(available["md5hash"])
     # Retries: transient failures are retried once (retries=1), permanent ones are not.
     assert server.hits["/flaky/c"] == 2 and server.hits["/slow/e"] == 2
-    assert server.hits["/gone/d"] == 1 and server.hits["/html/f"] == 1
+    assert server.hits["/gone/d"] == 1 and server.hits["/html/f"] == 1 and server.hits["/cut/g"] == 1
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "available.csv", dtype={"md5hash": str}),
                                   available.reset_index(drop=True), check_dtype=False)
     counts = (tmp_path / "reports" / "image_counts.md").read_text()
@@ -173,7 +185,44 @@ def test_local_folder_is_used_without_any_download(tmp_path, monkeypatch):
     with Image.open(tmp_path / "images" / f"{rows.md5hash[1]}.jpg") as img:
         assert img.format == "JPEG"
     reasons = pd.read_csv(tmp_path / "reports" / "failures.csv")["reason"].tolist()
-    assert reasons[0].startswith(f"{rows.md5hash[3]}.jpg is not a readable image") and reasons[1] == f"not in {owners}"
+    assert reasons[0].startswith("unreadable image: ") and reasons[0].endswith(f"({owners}/{rows.md5hash[3]}.jpg)")
+    assert reasons[1] == f"not in {owners}"
 
     with pytest.raises(SkinaugError, match="is not a folder"):
         _collect(tmp_path, subset_csv, _data_cfg(tmp_path / "nowhere"))
+
+
+# A researcher's own folder: what can be wrong with a {md5hash}.jpg file.
+BROKEN = {"empty": b"", "truncated": CUT_JPEG, "text": b"not an image",
+          "html": b"<html>Access denied</html>", "cut PNG": PNG[:40]}
+
+
+@pytest.mark.parametrize("allow_missing", [False, True])
+def test_unreadable_local_images_are_failures_not_crashes(tmp_path, params_file, allow_missing):
+    subset_csv, rows = _subset(tmp_path, None, ["/ok", *BROKEN])
+    owners, images = tmp_path / "owners", tmp_path / "images"
+    owners.mkdir()
+    (owners / f"{rows.md5hash[0]}.jpg").write_bytes(JPEG)
+    for md5, content in zip(rows.md5hash[1:], BROKEN.values()):
+        (owners / f"{md5}.jpg").write_bytes(content)
+    images.mkdir()
+    (images / f"{rows.md5hash[1]}.jpg").write_bytes(JPEG[:20])  # an earlier run's broken copy
+    params = params_file(data={"images_dir": str(owners), "allow_missing": allow_missing})
+    available, failures = tmp_path / "available.csv", tmp_path / "failures.csv"
+    out = CliRunner().invoke(cli.main, ["--params", str(params), "images", str(subset_csv), str(images),
+                                        "--available", str(available), "--failures", str(failures)])
+
+    reported = pd.read_csv(failures, dtype={"md5hash": str})
+    assert reported["md5hash"].tolist() == rows.md5hash[1:].tolist()
+    assert reported["reason"].str.startswith("unreadable image: ").all(), reported["reason"].tolist()
+    assert reported["reason"][0].startswith("unreadable image: empty (0 bytes)")
+    assert reported["reason"][1].startswith("unreadable image: OSError: image file is truncated")
+    assert sorted(p.name for p in images.iterdir()) == [f"{rows.md5hash[0]}.jpg"]  # no broken image, no temp file
+    if allow_missing:
+        assert out.exit_code == 0, out.output
+        assert pd.read_csv(available, dtype={"md5hash": str})["md5hash"].tolist() == [rows.md5hash[0]]
+    else:
+        assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output  # refused, not crashed
+        errors = [line for line in out.output.splitlines() if line.startswith("Error")]
+        assert errors == [f"Error: 5 of 6 images missing; see {failures}; set data.allow_missing: true to drop them"]
+        assert not available.exists()

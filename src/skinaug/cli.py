@@ -73,7 +73,9 @@ def subset(ctx, metadata_csv: Path, out_csv: Path, table: Path | None) -> None:
     atomic.write_csv(out_csv, df)
     if table is not None:
         atomic.write_text(table, data.table1(df))
-    click.echo(f"subset: {len(df)} of {len(meta)} rows -> {out_csv}")
+    unknown = int(data.unknown_skin_type(meta).sum())
+    click.echo(f"subset: {len(df)} of {len(meta)} rows -> {out_csv} "
+               f"({unknown} of unknown skin type, fitzpatrick_scale {data.UNKNOWN_SCALE}, dropped)")
 
 
 @main.command()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import requests
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from skinaug import SkinaugError, atomic
@@ -39,8 +39,14 @@ _ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI"}
 # --- metadata and the study subset -------------------------------------------------
 
 def load_metadata(path: str | Path, md5: str | None) -> pd.DataFrame:
-    """Read a Fitzpatrick17k-style CSV; verify its md5 first when one is pinned."""
+    """Read a Fitzpatrick17k-style CSV; verify its md5 first when one is pinned, then every row.
+
+    Anything a researcher's own metadata can get wrong (not a CSV, missing columns, a skin type
+    outside 1-6 and -1, an empty label or md5hash, one md5hash on two rows) is a SkinaugError.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise SkinaugError(f"{path} is a folder; give the metadata CSV file itself")
     if not path.exists():
         raise SkinaugError(f"{path} not found; fetch the pinned metadata with `dvc update data.dvc`")
     if md5 is not None:
@@ -50,11 +56,9 @@ def load_metadata(path: str | Path, md5: str | None) -> pd.DataFrame:
                 f"{path} has md5 {actual}, expected {md5} (data.metadata_md5): not the pinned file. "
                 "Fetch it again with `dvc update data.dvc` (or download fitzpatrick17k.csv from "
                 "github.com/mattgroh/fitzpatrick17k at the commit data.dvc names)")
-    meta = read_table(path)
-    missing = [c for c in COLUMNS if c not in meta.columns]
-    if missing:
-        raise SkinaugError(f"{path} lacks column(s) {', '.join(missing)}; expected the Fitzpatrick17k columns")
-    return meta
+    meta = _parse_csv(path)
+    _check_columns(meta, path)
+    return _check_rows(meta, path)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -62,12 +66,100 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=_DTYPES)
 
 
+_EXPECTED = "expected the Fitzpatrick17k metadata: a comma-separated UTF-8 text file with a header row"
+
+
+def _parse_csv(path: Path) -> pd.DataFrame:
+    """read_table, with what makes a file unreadable as a CSV said in one line instead of a traceback."""
+    with path.open("rb") as f:
+        if b"\0" in f.read(1 << 16):
+            raise SkinaugError(f"{path} is not text (it holds NUL bytes, as binary files do); {_EXPECTED}")
+    try:
+        meta = read_table(path)
+    except UnicodeDecodeError:
+        raise SkinaugError(f"{path} is not UTF-8 text; {_EXPECTED} (re-save a spreadsheet as CSV UTF-8)") from None
+    except pd.errors.EmptyDataError:
+        raise SkinaugError(f"{path} is empty; {_EXPECTED}") from None
+    except pd.errors.ParserError as e:
+        reason = str(e).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
+        raise SkinaugError(f"{path} is not a CSV ({reason}); {_EXPECTED}") from None
+    if not isinstance(meta.index, pd.RangeIndex):  # pandas turns extra leading fields into an index
+        raise SkinaugError(f"{path}: its rows have more fields than its header; {_EXPECTED}")
+    return meta
+
+
+def _check_columns(meta: pd.DataFrame, path: Path) -> None:
+    missing = [c for c in COLUMNS if c not in meta.columns]
+    if len(missing) == len(COLUMNS):
+        header = ",".join(map(str, meta.columns))[:60]
+        sep = next((s for s in ";\t|" if s in header), None) if len(meta.columns) == 1 else None
+        fix = f"save it with commas, not {sep!r}" if sep else f"{_EXPECTED}, starting {','.join(COLUMNS[:3])},..."
+        raise SkinaugError(f"{path} is not a Fitzpatrick17k metadata CSV (its header reads {header!r}); {fix}")
+    if missing:
+        raise SkinaugError(f"{path} lacks column(s) {', '.join(missing)}; expected the Fitzpatrick17k columns")
+    if meta.empty:
+        raise SkinaugError(f"{path} has a header but no rows; {_EXPECTED}")
+
+
+UNKNOWN_SCALE = -1  # Fitzpatrick17k's fitzpatrick_scale for "skin type not known"
+_SCALES = (1, 2, 3, 4, 5, 6, UNKNOWN_SCALE)
+_SHOWN = 3  # offending rows named in one message
+
+
+def _check_rows(meta: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Every row usable: a skin type in _SCALES, a label, an md5hash naming one file, on no other row."""
+    scale = pd.to_numeric(meta["fitzpatrick_scale"], errors="coerce")
+    _refuse(~scale.isin(_SCALES), meta["fitzpatrick_scale"], path,
+            "fitzpatrick_scale must be 1 to 6, or -1 for unknown")
+    _refuse(meta["label"].fillna("").str.strip() == "", meta["label"], path, "label is empty")
+    md5 = meta["md5hash"].fillna("")
+    _refuse((md5.str.strip() == "") | md5.str.contains(r"[/\\]") | md5.isin([".", ".."]), meta["md5hash"], path,
+            "md5hash must name an image file ({md5hash}.jpg)")
+    _refuse_duplicates(md5, path)
+    return meta.assign(fitzpatrick_scale=scale.astype(int))
+
+
+def _refuse(bad: pd.Series, values: pd.Series, path: Path, problem: str) -> None:
+    """Raise naming the first few bad rows by line number (the header is line 1) and value."""
+    if not bad.any():
+        return
+    shown = values[bad].head(_SHOWN)
+    where = [f"line {i + 2} ({'empty' if pd.isna(v) else repr(str(v))})" for i, v in shown.items()]
+    more = f" and {int(bad.sum()) - _SHOWN} more" if bad.sum() > _SHOWN else ""
+    raise SkinaugError(f"{path}: {problem}: {', '.join(where)}{more}; fix or remove those rows")
+
+
+def _refuse_duplicates(md5: pd.Series, path: Path) -> None:
+    """One image on two rows could land on both sides of a split."""
+    lines: dict[str, list[str]] = {}
+    for i, value in md5[md5.duplicated(keep=False)].items():
+        lines.setdefault(value, []).append(str(i + 2))  # the header is line 1
+    if not lines:
+        return
+    shown = "; ".join(f"{value} on lines {', '.join(n)}" for value, n in list(lines.items())[:_SHOWN])
+    more = f"; and {len(lines) - _SHOWN} more" if len(lines) > _SHOWN else ""
+    raise SkinaugError(f"{path}: {len(lines)} md5hash value(s) on more than one row ({shown}{more}); "
+                       "keep one row per image, or one image could land in both train and test")
+
+
+def unknown_skin_type(meta: pd.DataFrame) -> pd.Series:
+    """Rows whose skin type is not known (fitzpatrick_scale -1); no study can place them."""
+    return meta["fitzpatrick_scale"] == UNKNOWN_SCALE
+
+
 def study_subset(meta: pd.DataFrame, subset: SubsetConfig) -> pd.DataFrame:
-    """The study's rows (labels x skin types), original columns and row order. Real CSV: 1,631."""
+    """The study's rows (labels x skin types), original columns and row order. Real CSV: 1,631.
+
+    Rows of unknown skin type are always dropped, whatever subset.fitzpatrick_scales says.
+    """
     absent = sorted(set(subset.labels) - set(meta["label"]))
     if absent:
         raise SkinaugError(f"label(s) {', '.join(absent)} not in the metadata; check subset.labels spelling")
-    keep = meta["label"].isin(subset.labels) & meta["fitzpatrick_scale"].isin(subset.fitzpatrick_scales)
+    keep = (meta["label"].isin(subset.labels) & meta["fitzpatrick_scale"].isin(subset.fitzpatrick_scales)
+            & ~unknown_skin_type(meta))
+    if not keep.any():
+        raise SkinaugError(f"no metadata row has one of subset.labels with a fitzpatrick_scale in "
+                           f"{list(subset.fitzpatrick_scales)}: an empty study; check subset.fitzpatrick_scales")
     return meta[keep].reset_index(drop=True)
 
 
@@ -153,7 +245,7 @@ def _run_all(rows: pd.DataFrame, fetch, workers: int) -> dict[str, str]:
 
 def _copy_local(row, source: Path, out_dir: Path) -> str:
     dest = out_dir / f"{row.md5hash}.jpg"
-    if _image_problem(dest) is None:
+    if _already_there(dest):
         return "present"
     found = next((p for p in (source / f"{row.md5hash}{s}" for s in _SUFFIXES) if p.exists()), None)
     if found is None:
@@ -161,7 +253,7 @@ def _copy_local(row, source: Path, out_dir: Path) -> str:
     data = found.read_bytes()
     problem = _image_problem(data)
     if problem:
-        return f"{found.name} is not a readable image ({problem})"
+        return f"{problem} ({found})"
     _store(data, dest)
     return "fetched"
 
@@ -171,7 +263,7 @@ _local = threading.local()
 
 def _download_one(row, out_dir: Path, cfg: DownloadConfig) -> str:
     dest = out_dir / f"{row.md5hash}.jpg"
-    if _image_problem(dest) is None:
+    if _already_there(dest):
         return "present"
     if not isinstance(row.url, str) or not row.url.startswith(("http://", "https://")):
         return f"no usable url ({row.url!r})"
@@ -196,26 +288,36 @@ def _download_one(row, out_dir: Path, cfg: DownloadConfig) -> str:
                 continue  # the server may recover
             return reason  # 404 and friends will not change on a retry
         problem = _image_problem(resp.content)
-        if problem:
-            return f"not an image ({problem})"  # an error page served as 200; retrying gives the same page
+        if problem:  # an error page served as 200, or a cut-off body; retrying gives the same
+            return f"{problem} (HTTP 200, Content-Type {resp.headers.get('Content-Type', 'not given')})"
         _store(resp.content, dest)
         return "fetched"
     return reason
 
 
-def _image_problem(data: bytes | Path) -> str | None:
-    """None when `data` (bytes or a file) decodes completely as an image, else what is wrong."""
-    if isinstance(data, Path) and not data.exists():
-        return "missing"
+def _already_there(dest: Path) -> bool:
+    """True when dest is a good image (an earlier run's); a broken one is removed, never passed on."""
+    if not dest.exists():
+        return False
+    if _image_problem(dest.read_bytes()) is None:
+        return True
+    dest.unlink()
+    return False
+
+
+def _image_problem(data: bytes) -> str | None:
+    """None when the bytes decode completely as an image, else why not (a failures CSV reason)."""
+    if not data:
+        return "unreadable image: empty (0 bytes)"
     try:
-        src = io.BytesIO(data) if isinstance(data, bytes) else data
-        with Image.open(src) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.verify()
-        src = io.BytesIO(data) if isinstance(data, bytes) else data
-        with Image.open(src) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()  # verify() misses truncated JPEG data; a full decode does not
+    except UnidentifiedImageError:  # its message names a BytesIO object: say what the bytes look like
+        return f"unreadable image: not an image format ({len(data)} bytes starting {data[:16]!r})"
     except Exception as e:  # PIL raises many types for bad data
-        return f"{type(e).__name__}: {e}"[:120]
+        return f"unreadable image: {type(e).__name__}: {e}"[:160]
     return None
 
 
