@@ -190,15 +190,18 @@ def test_unknown_skin_type_rows_are_dropped_and_counted(world_dir, params_file, 
     unknown = meta.head(5).assign(md5hash=[f"{i:032x}" for i in range(5)], fitzpatrick_scale="-1")
     path = tmp_path / "metadata.csv"
     pd.concat([meta, unknown]).to_csv(path, index=False)
-    # Dropped even when subset.fitzpatrick_scales asks for them: no study can place an unknown skin type.
-    for scales in ([1, 2, 5, 6], [-1, 1, 2, 5, 6]):
-        out = CliRunner().invoke(cli.main, ["--params", str(params_file(subset={"fitzpatrick_scales": scales})),
-                                            "subset", str(path), str(tmp_path / "subset.csv")])
-        assert out.exit_code == 0, out.output
-        assert "subset: 1631 of 1636 rows" in out.output, out.output
-        assert "(5 of unknown skin type, fitzpatrick_scale -1, dropped)" in out.output, out.output
-        kept = pd.read_csv(tmp_path / "subset.csv")
-        assert len(kept) == 1631 and -1 not in set(kept["fitzpatrick_scale"])
+    out = CliRunner().invoke(cli.main, ["--params", str(params_file()), "subset", str(path),
+                                        str(tmp_path / "subset.csv")])
+    assert out.exit_code == 0, out.output
+    assert "subset: 1631 of 1636 rows" in out.output, out.output
+    assert "(5 of unknown skin type, fitzpatrick_scale -1, dropped)" in out.output, out.output
+    kept = pd.read_csv(tmp_path / "subset.csv")
+    assert len(kept) == 1631 and -1 not in set(kept["fitzpatrick_scale"])
+    # subset.fitzpatrick_scales cannot ask for them: settings allow only 1 to 6
+    out = CliRunner().invoke(cli.main, ["--params", str(params_file(subset={"fitzpatrick_scales": [-1, 1, 2, 5, 6]})),
+                                        "subset", str(path), str(tmp_path / "again.csv")])
+    assert out.exit_code == 1 and "subset.fitzpatrick_scales is [-1, 1, 2, 5, 6]" in out.output
+    assert not (tmp_path / "again.csv").exists()
 
 
 # --- the demo world --------------------------------------------------------------------
