@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def make_workspace(root: Path, tiny_base: Path, mode: str = "joint") -> Path:
     from safetensors.torch import save_file
 
     models = root / "models"
-    (models / "base").mkdir(parents=True)
+    shutil.copytree(tiny_base, models / "base")  # export checks the adapters against it
     (models / "base" / "skinaug_base.json").write_text(json.dumps({"base": str(tiny_base), "revision": None}))
     ti = models / "scenario1" / "seed0" / "ti"
     ti.mkdir(parents=True)
@@ -159,8 +160,6 @@ def test_card_records_base_split_settings_hashes_and_licence(tiny_base, tmp_path
     ("models/base", "dvc repro base"),
 ])
 def test_missing_input_names_the_dvc_target_that_makes_it(tiny_base, tmp_path, repo_cfg, remove, target):
-    import shutil
-
     root = make_workspace(tmp_path / "ws", tiny_base)
     shutil.rmtree(root / remove)
     with pytest.raises(SkinaugError) as err:

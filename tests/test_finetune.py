@@ -281,7 +281,7 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(stage, how, split, tiny
             finetune.train_lora(train_csv, images, base, None, out, cfg, seed=0)
     message = str(err.value)
     assert "\n" not in message
-    expected = {"no_base": ["no-such-base", "model_index.json"], "missing": ["2 of 8", str(culprit)],
+    expected = {"no_base": ["no-such-base", "no such folder"], "missing": ["2 of 8", str(culprit)],
                 "corrupt": [str(culprit)]}[how]
     assert all(part in message for part in expected), message
     assert not out.exists() and not (tmp_path / ".out.partial").exists()

@@ -28,9 +28,9 @@ def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path
                   data_source: str = "fitzpatrick17k", force: bool = False) -> Path:
     """Copy the adapters of one scenario and seed into out_dir and write its model card."""
     out_dir = Path(out_dir)
+    info = _base_info(base_dir)
     tokens = token_files(ti_dir, seed, scenario)
     loras = lora_files(lora_dir, seed, scenario)
-    info = _base_info(base_dir)
     train_csv = Path(split_dir) / "train.csv"
     if not train_csv.is_file():
         raise SkinaugError(f"no training split {train_csv}: `dvc pull splits@{seed}` fetches it, "
@@ -204,6 +204,8 @@ def _missing(what: str, folder: Path, stage: str, seed: int, scenario: int) -> s
 
 
 def _base_info(base_dir: Path) -> dict:
+    """Who made the base, from the folder the adapters are checked against."""
+    diffusion.check_base(base_dir)
     if not (Path(base_dir) / diffusion.BASE_INFO).is_file():
         raise SkinaugError(f"no {diffusion.BASE_INFO} in {base_dir} to name the base model: "
                            f"`dvc pull {Path(base_dir) / diffusion.BASE_INFO}` fetches it, `dvc repro base` makes it")
