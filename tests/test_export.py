@@ -168,6 +168,27 @@ def test_missing_input_names_the_dvc_target_that_makes_it(tiny_base, tmp_path, r
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.parametrize("which", ["token", "lora"])
+def test_adapters_made_for_another_base_are_refused_before_anything_is_written(tiny_base, tmp_path, repo_cfg, which):
+    """As if learned on a base with a 768-wide text encoder (SD 1.x): a token of that width, or a LoRA whose
+    cross-attention reads it. Export copies files without loading them: it used to bundle these as they were."""
+    from safetensors.torch import load_file, save_file
+
+    root = make_workspace(tmp_path / "ws", tiny_base)
+    if which == "token":
+        bad = root / "models/scenario1/seed0/ti" / f"{prompts.TOKENS[LABELS[0]].strip('<>')}.safetensors"
+        save_file({prompts.TOKENS[LABELS[0]]: torch.zeros(1, 768)}, bad)
+    else:
+        bad = root / "models/scenario1/seed0/lora" / export.LORA_FILE
+        weights = load_file(bad)
+        key = next(k for k in weights if k.endswith("attn2.to_k.lora.down.weight"))
+        save_file({**weights, key: torch.zeros(weights[key].shape[0], 768)}, bad)
+    with pytest.raises(SkinaugError) as err:
+        _export(root, tmp_path / "bundle", repo_cfg)
+    assert str(bad) in str(err.value) and "768" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle*"))
+
+
 def test_cli_reads_the_standard_layout_and_replaces_only_with_force(tiny_base, tmp_path, monkeypatch):
     root = make_workspace(tmp_path / "ws", tiny_base)
     monkeypatch.chdir(root)

@@ -154,23 +154,28 @@ def load_components(base_dir: Path, device: torch.device | str = "cpu", dtype: t
             loaded[name] = cls.from_pretrained(base_dir, subfolder=name)
         except (OSError, ValueError, RuntimeError) as e:  # e.g. weights that do not fit their config
             raise SkinaugError(f"cannot load base model {base_dir}: {base_dir / name} does not load "
-                               f"({type(e).__name__}: {_first_line(e)}); {REMAKE_BASE}") from None
+                               f"({type(e).__name__}: {first_line(e)}); {REMAKE_BASE}") from None
     for module in (loaded["text_encoder"], loaded["vae"], loaded["unet"]):
         module.requires_grad_(False)
         module.to(device=device, dtype=dtype)
     return Components(noise_scheduler=loaded.pop("scheduler"), **loaded)
 
 
-# --- checks: the base folder, before anything loads it --------------------------------------------
-# diffusers' and transformers' own failures here are tracebacks many lines long, or silence: a
-# tokenizer folder without its vocabulary loads as two tokens.
+# --- checks: the base folder and the adapters made for it, before anything loads them ----------
+# diffusers' own failures here are tracebacks many lines long, or silence: a LoRA key that names
+# no UNet module is skipped, a LoRA without the "unet." prefix loads as nothing, a [3, width] token
+# file becomes three tokens, and a tokenizer folder without its vocabulary loads as two tokens.
 
 REMAKE_BASE = "fetch it with `dvc pull base` or make it with `dvc repro base`"
+RELEARN_TOKENS = "learn the tokens again on this base (`skinaug textual_inversion`)"
+RETRAIN_LORA = "train the LoRA again on this base (`skinaug lora`)"
 # What load_components and the pipelines read: safetensors only, as _download fetches (a pickled
 # .bin would run code on load). The tokenizer also needs tokenizer.json or vocab.json + merges.txt.
 _BASE_FILES = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
                "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+_LORA_SUFFIXES = {".lora.down.weight": "down", ".lora_A.weight": "down",  # diffusers' names, then peft's
+                  ".lora.up.weight": "up", ".lora_B.weight": "up"}
 
 
 def check_base(base_dir: Path, fix: str = REMAKE_BASE) -> Path:
@@ -191,10 +196,67 @@ def check_base(base_dir: Path, fix: str = REMAKE_BASE) -> Path:
         try:
             json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise SkinaugError(f"{cannot}{path} is damaged (not JSON: {_first_line(e)}); {fix}") from None
+            raise SkinaugError(f"{cannot}{path} is damaged (not JSON: {first_line(e)}); {fix}") from None
     for name in (f for f in _BASE_FILES if f.endswith(".safetensors")):
         _shapes(base_dir / name, fix, cannot)
     return base_dir
+
+
+def check_token_files(base_dir: Path, files: list[Path]) -> list[str]:
+    """The name inside each learned-token file, once each holds one vector as wide as the base's text encoder."""
+    width = json.loads((check_base(base_dir) / "text_encoder/config.json").read_text())["hidden_size"]
+    names = []
+    for path in files:
+        shapes = _shapes(path, RELEARN_TOKENS, "token file ")
+        if len(shapes) != 1:
+            raise SkinaugError(f"token file {path} holds {len(shapes)} tensors, not one named by its token; "
+                               f"{RELEARN_TOKENS}")
+        ((name, shape),) = shapes.items()
+        if shape not in ([width], [1, width]):  # several rows would silently become several tokens
+            raise SkinaugError(f"token file {path} holds a {_dims(shape)} tensor, but the text encoder of {base_dir} "
+                               f"takes one vector of width {width} (1 x {width}); {RELEARN_TOKENS}")
+        names.append(name)
+    return names
+
+
+def check_lora_files(base_dir: Path, files: list[Path]) -> None:
+    """Refuse a LoRA file unless each of its weights fits a module of the base's UNet (diffusers skips misfits)."""
+    unet = _shapes(check_base(base_dir) / "unet/diffusion_pytorch_model.safetensors", REMAKE_BASE)
+    for path in files:
+        pairs = _lora_pairs(path)
+        if not pairs:
+            raise SkinaugError(f"LoRA {path} holds no weights; {RETRAIN_LORA}")
+        misfits = {m: why for m, pair in pairs.items() if (why := _misfit(pair, unet.get(f"{m}.weight")))}
+        if misfits:
+            module, why = next(iter(misfits.items()))
+            raise SkinaugError(f"LoRA {path} does not fit the UNet of {base_dir}: {len(misfits)} of its {len(pairs)} "
+                               f"modules, first {module} ({why}); {RETRAIN_LORA}")
+
+
+def _lora_pairs(path: Path) -> dict[str, dict[str, list[int]]]:
+    """UNet module -> the shapes of its LoRA's down and up weights, as the file names them."""
+    pairs: dict[str, dict[str, list[int]]] = {}
+    for key, shape in _shapes(path, RETRAIN_LORA, "LoRA ").items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if not key.startswith("unet.") or suffix is None:  # diffusers would load it elsewhere, or skip it
+            raise SkinaugError(f"LoRA {path} holds {key!r}, not a UNet LoRA weight "
+                               f"(unet.<module>.lora.down.weight or .lora.up.weight); {RETRAIN_LORA}")
+        pairs.setdefault(key[len("unet."):-len(suffix)], {})[_LORA_SUFFIXES[suffix]] = shape
+    return pairs
+
+
+def _misfit(pair: dict[str, list[int]], weight: list[int] | None) -> str | None:
+    """Why one module's lora down [rank, in, ...] and up [out, rank, ...] do not fit its base weight [out, in, ...]."""
+    if weight is None:
+        return "no such module in the base"
+    if set(pair) != {"down", "up"}:
+        return f"lora.{next(iter(pair))} without its partner"
+    down, up = pair["down"], pair["up"]
+    if len(down) != len(weight) or len(up) != len(weight) or down[0] != up[1]:
+        return f"lora.down {_dims(down)} and lora.up {_dims(up)} for a {_dims(weight)} weight"
+    if (down[1], up[0]) != (weight[1], weight[0]):
+        return f"the LoRA maps {down[1]} -> {up[0]} features, the base's weight {weight[1]} -> {weight[0]}"
+    return None
 
 
 def _shapes(path: Path, fix: str, prefix: str = "") -> dict[str, list[int]]:
@@ -205,10 +267,15 @@ def _shapes(path: Path, fix: str, prefix: str = "") -> dict[str, list[int]]:
         with safe_open(str(path), "pt") as f:
             return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as e:  # a truncated file fails here: its header no longer covers it
-        raise SkinaugError(f"{prefix}{path} is damaged or truncated ({_first_line(e)}); {fix}") from None
+        raise SkinaugError(f"{prefix}{path} is damaged or truncated ({first_line(e)}); {fix}") from None
 
 
-def _first_line(e: Exception) -> str:
+def _dims(shape: list[int]) -> str:
+    return " x ".join(map(str, shape)) or "scalar"
+
+
+def first_line(e: Exception) -> str:
+    """An exception as one line of a message: library errors can run to dozens of lines."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
