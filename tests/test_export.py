@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def make_workspace(root: Path, tiny_base: Path, mode: str = "joint") -> Path:
     from safetensors.torch import save_file
 
     models = root / "models"
-    (models / "base").mkdir(parents=True)
+    shutil.copytree(tiny_base, models / "base")  # export checks the adapters against it
     (models / "base" / "skinaug_base.json").write_text(json.dumps({"base": str(tiny_base), "revision": None}))
     ti = models / "scenario1" / "seed0" / "ti"
     ti.mkdir(parents=True)
@@ -159,14 +160,33 @@ def test_card_records_base_split_settings_hashes_and_licence(tiny_base, tmp_path
     ("models/base", "dvc repro base"),
 ])
 def test_missing_input_names_the_dvc_target_that_makes_it(tiny_base, tmp_path, repo_cfg, remove, target):
-    import shutil
-
     root = make_workspace(tmp_path / "ws", tiny_base)
     shutil.rmtree(root / remove)
     with pytest.raises(SkinaugError) as err:
         _export(root, tmp_path / "bundle", repo_cfg)
     assert target in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize("which", ["token", "lora"])
+def test_adapters_made_for_another_base_are_refused_before_anything_is_written(tiny_base, tmp_path, repo_cfg, which):
+    """As if learned on a base with a 768-wide text encoder (SD 1.x): a token of that width, or a LoRA whose
+    cross-attention reads it. Export copies files without loading them: it used to bundle these as they were."""
+    from safetensors.torch import load_file, save_file
+
+    root = make_workspace(tmp_path / "ws", tiny_base)
+    if which == "token":
+        bad = root / "models/scenario1/seed0/ti" / f"{prompts.TOKENS[LABELS[0]].strip('<>')}.safetensors"
+        save_file({prompts.TOKENS[LABELS[0]]: torch.zeros(1, 768)}, bad)
+    else:
+        bad = root / "models/scenario1/seed0/lora" / export.LORA_FILE
+        weights = load_file(bad)
+        key = next(k for k in weights if k.endswith("attn2.to_k.lora.down.weight"))
+        save_file({**weights, key: torch.zeros(weights[key].shape[0], 768)}, bad)
+    with pytest.raises(SkinaugError) as err:
+        _export(root, tmp_path / "bundle", repo_cfg)
+    assert str(bad) in str(err.value) and "768" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle*"))
 
 
 def test_cli_reads_the_standard_layout_and_replaces_only_with_force(tiny_base, tmp_path, monkeypatch):

@@ -281,10 +281,26 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(stage, how, split, tiny
             finetune.train_lora(train_csv, images, base, None, out, cfg, seed=0)
     message = str(err.value)
     assert "\n" not in message
-    expected = {"no_base": ["no-such-base", "model_index.json"], "missing": ["2 of 8", str(culprit)],
+    expected = {"no_base": ["no-such-base", "no such folder"], "missing": ["2 of 8", str(culprit)],
                 "corrupt": [str(culprit)]}[how]
     assert all(part in message for part in expected), message
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_lora_refuses_learned_tokens_that_do_not_fit_the_base(split, tiny_base, cfg, tmp_path):
+    """Several vectors in one token file: diffusers' loader would make it several tokens without a word."""
+    from safetensors.torch import save_file
+
+    ti = tmp_path / "ti"
+    ti.mkdir()
+    for label in LABELS:
+        token = prompts.token(label)
+        save_file({token: torch.zeros(3 if label == LABELS[1] else 1, 32)}, ti / f"{token.strip('<>')}.safetensors")
+    bad = ti / f"{prompts.token(LABELS[1]).strip('<>')}.safetensors"
+    with pytest.raises(SkinaugError) as err:
+        finetune.train_lora(*split, tiny_base, ti, tmp_path / "out", cfg, seed=0)
+    assert str(err.value).startswith(f"token file {bad} holds a 3 x 32 tensor") and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
 @pytest.mark.parametrize("count", [1, 3, 8])

@@ -313,9 +313,9 @@ def test_accelerate_launch_two_processes(ref, tmp_path, world, tiny_base, adapte
 
 def test_adapters_load_with_the_stock_loaders(world, tiny_base, adapters, cfg):
     plan = G.make_plan(world / "train.csv", cfg, 0, "img2img_ti_lora")
-    tokens = G._token_files(adapters / "ti", plan)
+    tokens = G._token_files(adapters / "ti", plan, tiny_base)
     assert sorted(tokens) == sorted(prompts.token(label) for _, label, _ in SOURCES)
-    loras = G._lora_files(adapters / "lora", "joint", plan)
+    loras = G._lora_files(adapters / "lora", "joint", plan, tiny_base)
     pipe = G.load_pipeline(tiny_base, G.STRATEGIES["img2img_ti_lora"], tokens, loras, cfg, torch.device("cpu"))
     from safetensors.torch import load_file
 
@@ -426,4 +426,41 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, world, tiny_base, a
         (bad / "images" / f"{md5hash}.jpg").unlink()
     with pytest.raises(SkinaugError, match=f"2 of 4 training images missing, first .*{SOURCES[2][0]}.jpg"):
         run(bad, tiny_base, out, cfg, adapters)
+    assert not out.exists()
+
+
+def _bad_adapter(adapters: Path, tmp_path: Path, which: str) -> tuple[Path, Path, str]:
+    """Copies of ti/ and lora/, one file as if made for a base with a 768-wide text encoder (SD 1.x): a token
+    of that width, or a LoRA whose cross-attention reads it."""
+    from safetensors.torch import load_file, save_file
+
+    ti, lora = shutil.copytree(adapters / "ti", tmp_path / "ti"), shutil.copytree(adapters / "lora", tmp_path / "lora")
+    if which == "token":
+        bad = ti / "bas-class.safetensors"
+        save_file({"<bas-class>": torch.zeros(1, 768)}, bad)
+        return ti, lora, f"token file {bad} holds a 1 x 768 tensor"
+    bad = lora / G.LORA_FILE
+    weights = load_file(bad)
+    key = next(k for k in weights if k.endswith("attn2.to_k.lora.down.weight"))
+    save_file({**weights, key: torch.zeros(weights[key].shape[0], 768)}, bad)
+    return ti, lora, f"LoRA {bad} does not fit the UNet"
+
+
+@pytest.mark.parametrize("which", ["token", "lora"])
+def test_cli_refuses_an_adapter_for_another_base_in_one_line_and_writes_nothing(tmp_path, world, tiny_base, adapters,
+                                                                               which):
+    from click.testing import CliRunner
+
+    from skinaug import cli
+
+    ti, lora, named = _bad_adapter(adapters, tmp_path, which)
+    params = Path(shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml"))
+    out = tmp_path / "syn"
+    result = CliRunner().invoke(cli.main, ["--params", str(params), "generate", str(world), str(world / "images"),
+                                           str(tiny_base), str(out), "--ti-dir", str(ti), "--lora-dir", str(lora),
+                                           "--strategy", "img2img_ti_lora", "--seed", "0"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and named in lines[0], result.output
+    assert "Traceback" not in result.output
     assert not out.exists()

@@ -813,7 +813,7 @@ def run(out_dir: Path, tiny: bool = False, device: str = "auto", only: tuple[str
     with tempfile.TemporaryDirectory(prefix="skinaug-bench-") as tmp:
         tmp = Path(tmp)
         with _stage("model and stand-in data"):
-            base_dir = Path(base) if base else build_base(tmp / "base", s, dev)
+            base_dir = diffusion.check_base(base) if base else build_base(tmp / "base", s, dev)
             train, images_dir = write_train_split(tmp / "split", s)
         ours_cfg = ours_config(cfg, s, dev, base_dir)
         precision = ours_cfg.model.mixed_precision

@@ -73,7 +73,7 @@ def prepare_base(model: ModelConfig, out_dir: Path) -> Path:
         info = {"base": "tiny", "revision": None, "seed": model.seed, "corpus": model.tiny_corpus,
                 "vae_steps": model.tiny_vae_steps, "unet_steps": model.tiny_unet_steps}
     elif Path(model.base).is_dir():
-        _check_folder(Path(model.base))
+        check_base(Path(model.base), fix="set model.base to a complete diffusers folder (or a hub id)")
         shutil.copytree(model.base, tmp, copy_function=_link_or_copy)
         info = {"base": str(model.base), "revision": None}
     else:
@@ -100,6 +100,7 @@ def _download(repo_id: str, revision: str | None, dest: Path) -> str:
         snapshot_download(repo_id, revision=resolved, local_dir=dest, allow_patterns=_HUB_FILES)
     except Exception as e:  # offline, 404, gated, bad revision: one message for all
         raise SkinaugError(cannot_load_message(repo_id, revision, e)) from None
+    check_base(dest, fix=f"{repo_id} is not a Stable Diffusion 2.x diffusers repo; known mirrors: {', '.join(MIRRORS)}")
     return resolved
 
 
@@ -111,14 +112,6 @@ def cannot_load_message(repo_id: str, revision: str | None, cause: Exception) ->
         "Offline? Download it elsewhere (`huggingface-cli download <id> --local-dir DIR`), copy DIR here "
         "and set model.base to that folder (`dvc exp run -S model.base=DIR`)."
     )
-
-
-def _check_folder(folder: Path) -> None:
-    missing = [s for s in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not (folder / s).exists()]
-    if missing:
-        raise SkinaugError(cannot_load_message(str(folder), None, FileNotFoundError(
-            f"not a diffusers folder: missing {', '.join(missing)}")))
 
 
 def _link_or_copy(src, dst):
@@ -153,20 +146,137 @@ def load_components(base_dir: Path, device: torch.device | str = "cpu", dtype: t
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    base_dir = Path(base_dir)
-    _check_folder(base_dir)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(base_dir, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
-        noise_scheduler = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        raise SkinaugError(cannot_load_message(str(base_dir), None, e)) from None
-    for module in (text_encoder, vae, unet):
+    base_dir = check_base(base_dir)
+    loaded = {}
+    for name, cls in (("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
+                      ("unet", UNet2DConditionModel), ("scheduler", DDPMScheduler)):
+        try:
+            loaded[name] = cls.from_pretrained(base_dir, subfolder=name)
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. weights that do not fit their config
+            raise SkinaugError(f"cannot load base model {base_dir}: {base_dir / name} does not load "
+                               f"({type(e).__name__}: {first_line(e)}); {REMAKE_BASE}") from None
+    for module in (loaded["text_encoder"], loaded["vae"], loaded["unet"]):
         module.requires_grad_(False)
         module.to(device=device, dtype=dtype)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    return Components(noise_scheduler=loaded.pop("scheduler"), **loaded)
+
+
+# --- checks: the base folder and the adapters made for it, before anything loads them ----------
+# diffusers' own failures here are tracebacks many lines long, or silence: a LoRA key that names
+# no UNet module is skipped, a LoRA without the "unet." prefix loads as nothing, a [3, width] token
+# file becomes three tokens, and a tokenizer folder without its vocabulary loads as two tokens.
+
+REMAKE_BASE = "fetch it with `dvc pull base` or make it with `dvc repro base`"
+RELEARN_TOKENS = "learn the tokens again on this base (`skinaug textual_inversion`)"
+RETRAIN_LORA = "train the LoRA again on this base (`skinaug lora`)"
+# What load_components and the pipelines read: safetensors only, as _download fetches (a pickled
+# .bin would run code on load). The tokenizer also needs tokenizer.json or vocab.json + merges.txt.
+_BASE_FILES = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+               "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+               "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+_LORA_SUFFIXES = {".lora.down.weight": "down", ".lora_A.weight": "down",  # diffusers' names, then peft's
+                  ".lora.up.weight": "up", ".lora_B.weight": "up"}
+
+
+def check_base(base_dir: Path, fix: str = REMAKE_BASE) -> Path:
+    """base_dir, once every file the loaders read is there and parses (safetensors: their headers)."""
+    base_dir = Path(base_dir)
+    cannot = f"cannot load base model {base_dir}: "
+    if not base_dir.is_dir():
+        raise SkinaugError(f"{cannot}no such folder; {fix}")
+    missing = [f for f in _BASE_FILES if not (base_dir / f).is_file()]
+    if not (base_dir / "tokenizer/tokenizer.json").is_file() and not all(
+            (base_dir / "tokenizer" / f).is_file() for f in ("vocab.json", "merges.txt")):
+        missing.append("tokenizer/tokenizer.json (or vocab.json and merges.txt)")
+    gone = {f.split("/")[0] for f in missing if not (base_dir / f).parent.is_dir()}  # a whole component: once
+    missing = list(dict.fromkeys(f.split("/")[0] + "/" if f.split("/")[0] in gone else f for f in missing))
+    if missing:
+        raise SkinaugError(f"{cannot}missing {', '.join(missing)}; {fix}")
+    for path in sorted(base_dir.glob("*.json")) + sorted(base_dir.glob("*/*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SkinaugError(f"{cannot}{path} is damaged (not JSON: {first_line(e)}); {fix}") from None
+    for name in (f for f in _BASE_FILES if f.endswith(".safetensors")):
+        _shapes(base_dir / name, fix, cannot)
+    return base_dir
+
+
+def check_token_files(base_dir: Path, files: list[Path]) -> list[str]:
+    """The name inside each learned-token file, once each holds one vector as wide as the base's text encoder."""
+    width = json.loads((check_base(base_dir) / "text_encoder/config.json").read_text())["hidden_size"]
+    names = []
+    for path in files:
+        shapes = _shapes(path, RELEARN_TOKENS, "token file ")
+        if len(shapes) != 1:
+            raise SkinaugError(f"token file {path} holds {len(shapes)} tensors, not one named by its token; "
+                               f"{RELEARN_TOKENS}")
+        ((name, shape),) = shapes.items()
+        if shape not in ([width], [1, width]):  # several rows would silently become several tokens
+            raise SkinaugError(f"token file {path} holds a {_dims(shape)} tensor, but the text encoder of {base_dir} "
+                               f"takes one vector of width {width} (1 x {width}); {RELEARN_TOKENS}")
+        names.append(name)
+    return names
+
+
+def check_lora_files(base_dir: Path, files: list[Path]) -> None:
+    """Refuse a LoRA file unless each of its weights fits a module of the base's UNet (diffusers skips misfits)."""
+    unet = _shapes(check_base(base_dir) / "unet/diffusion_pytorch_model.safetensors", REMAKE_BASE)
+    for path in files:
+        pairs = _lora_pairs(path)
+        if not pairs:
+            raise SkinaugError(f"LoRA {path} holds no weights; {RETRAIN_LORA}")
+        misfits = {m: why for m, pair in pairs.items() if (why := _misfit(pair, unet.get(f"{m}.weight")))}
+        if misfits:
+            module, why = next(iter(misfits.items()))
+            raise SkinaugError(f"LoRA {path} does not fit the UNet of {base_dir}: {len(misfits)} of its {len(pairs)} "
+                               f"modules, first {module} ({why}); {RETRAIN_LORA}")
+
+
+def _lora_pairs(path: Path) -> dict[str, dict[str, list[int]]]:
+    """UNet module -> the shapes of its LoRA's down and up weights, as the file names them."""
+    pairs: dict[str, dict[str, list[int]]] = {}
+    for key, shape in _shapes(path, RETRAIN_LORA, "LoRA ").items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if not key.startswith("unet.") or suffix is None:  # diffusers would load it elsewhere, or skip it
+            raise SkinaugError(f"LoRA {path} holds {key!r}, not a UNet LoRA weight "
+                               f"(unet.<module>.lora.down.weight or .lora.up.weight); {RETRAIN_LORA}")
+        pairs.setdefault(key[len("unet."):-len(suffix)], {})[_LORA_SUFFIXES[suffix]] = shape
+    return pairs
+
+
+def _misfit(pair: dict[str, list[int]], weight: list[int] | None) -> str | None:
+    """Why one module's lora down [rank, in, ...] and up [out, rank, ...] do not fit its base weight [out, in, ...]."""
+    if weight is None:
+        return "no such module in the base"
+    if set(pair) != {"down", "up"}:
+        return f"lora.{next(iter(pair))} without its partner"
+    down, up = pair["down"], pair["up"]
+    if len(down) != len(weight) or len(up) != len(weight) or down[0] != up[1]:
+        return f"lora.down {_dims(down)} and lora.up {_dims(up)} for a {_dims(weight)} weight"
+    if (down[1], up[0]) != (weight[1], weight[0]):
+        return f"the LoRA maps {down[1]} -> {up[0]} features, the base's weight {weight[1]} -> {weight[0]}"
+    return None
+
+
+def _shapes(path: Path, fix: str, prefix: str = "") -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors header (no weights are read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as e:  # a truncated file fails here: its header no longer covers it
+        raise SkinaugError(f"{prefix}{path} is damaged or truncated ({first_line(e)}); {fix}") from None
+
+
+def _dims(shape: list[int]) -> str:
+    return " x ".join(map(str, shape)) or "scalar"
+
+
+def first_line(e: Exception) -> str:
+    """An exception as one line of a message: library errors can run to dozens of lines."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # --- the loss shared by textual inversion and LoRA -------------------------------------------

@@ -28,9 +28,9 @@ def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path
                   data_source: str = "fitzpatrick17k", force: bool = False) -> Path:
     """Copy the adapters of one scenario and seed into out_dir and write its model card."""
     out_dir = Path(out_dir)
-    tokens = token_files(ti_dir, seed, scenario)
-    loras = lora_files(lora_dir, seed, scenario)
     info = _base_info(base_dir)
+    tokens = token_files(ti_dir, seed, scenario, base_dir)
+    loras = lora_files(lora_dir, seed, scenario, base_dir)
     train_csv = Path(split_dir) / "train.csv"
     if not train_csv.is_file():
         raise SkinaugError(f"no training split {train_csv}: `dvc pull splits@{seed}` fetches it, "
@@ -65,32 +65,26 @@ def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path
     return out_dir
 
 
-def token_files(ti_dir: Path, seed: int, scenario: int) -> list[tuple[str, Path]]:
-    """(token, file) for every learned-token file; the token is read from the file, not its name."""
-    from safetensors import safe_open
-
+def token_files(ti_dir: Path, seed: int, scenario: int, base_dir: Path) -> list[tuple[str, Path]]:
+    """(token, file) for every learned-token file, each checked against the base; the token is read from
+    the file, not its name."""
     files = sorted(Path(ti_dir).glob("*.safetensors")) if Path(ti_dir).is_dir() else []
     if not files:
         raise SkinaugError(_missing("textual-inversion tokens", ti_dir, "textual_inversion", seed, scenario))
-    tokens = []
-    for path in files:
-        with safe_open(path, framework="np") as f:
-            keys = list(f.keys())
-        if len(keys) != 1:
-            raise SkinaugError(f"{path} holds {len(keys)} tensors; a token file holds exactly one, named by its token")
-        tokens.append((keys[0], path))
-    return tokens
+    return list(zip(diffusion.check_token_files(base_dir, files), files))
 
 
-def lora_files(lora_dir: Path, seed: int, scenario: int) -> dict[str, Path]:
-    """{"": file} for one joint LoRA, {name: file} per label in per_label mode."""
+def lora_files(lora_dir: Path, seed: int, scenario: int, base_dir: Path) -> dict[str, Path]:
+    """{"": file} for one joint LoRA, {name: file} per label in per_label mode, each checked against the base."""
     lora_dir = Path(lora_dir)
     if (lora_dir / LORA_FILE).is_file():
-        return {"": lora_dir / LORA_FILE}
-    per_label = {p.parent.name: p for p in sorted(lora_dir.glob(f"*/{LORA_FILE}"))}
-    if not per_label:
+        files = {"": lora_dir / LORA_FILE}
+    else:
+        files = {p.parent.name: p for p in sorted(lora_dir.glob(f"*/{LORA_FILE}"))}
+    if not files:
         raise SkinaugError(_missing("LoRA weights", lora_dir, "lora", seed, scenario))
-    return per_label
+    diffusion.check_lora_files(base_dir, list(files.values()))
+    return files
 
 
 def split_summary(train_csv: Path) -> dict:
@@ -204,6 +198,8 @@ def _missing(what: str, folder: Path, stage: str, seed: int, scenario: int) -> s
 
 
 def _base_info(base_dir: Path) -> dict:
+    """Who made the base, from the folder the adapters are checked against."""
+    diffusion.check_base(base_dir)
     if not (Path(base_dir) / diffusion.BASE_INFO).is_file():
         raise SkinaugError(f"no {diffusion.BASE_INFO} in {base_dir} to name the base model: "
                            f"`dvc pull {Path(base_dir) / diffusion.BASE_INFO}` fetches it, `dvc repro base` makes it")

@@ -236,7 +236,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
     device = accelerator.device
     comps = diffusion.load_components(base_dir)
     if use_tokens:
-        _load_tokens(comps, ti_dir, labels)
+        _load_tokens(comps, base_dir, ti_dir, labels)
     _place(comps.unet, comps.vae, comps.text_encoder, device=device, dtype=dtype, model=cfg.model)
     context, prompt_of_row = _prompt_cache(comps, [prompts.skin_prompt(label, fst, use_tokens)
                                                    for label, fst in zip(rows.label, rows.fitzpatrick_scale)])
@@ -386,18 +386,19 @@ def lora_files(lora_dir: Path) -> dict[str | None, Path]:
             for name, entry in summary["loras"].items()}
 
 
-def _load_tokens(comps, ti_dir: Path, labels: list[str]) -> None:
-    """Learned tokens into tokenizer and text encoder through diffusers' own loader."""
+def _load_tokens(comps, base_dir: Path, ti_dir: Path, labels: list[str]) -> None:
+    """Learned tokens into tokenizer and text encoder through diffusers' own loader, once they fit the base."""
     from diffusers import StableDiffusionPipeline
 
     files, tokens = token_files(ti_dir, labels)
+    diffusion.check_token_files(base_dir, files)
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                    unet=comps.unet, scheduler=comps.noise_scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     try:
         pipe.load_textual_inversion([str(f) for f in files], token=tokens)
     except (OSError, ValueError) as e:
-        raise SkinaugError(f"cannot load learned tokens from {ti_dir}: {str(e).splitlines()[0]}") from None
+        raise SkinaugError(f"cannot load learned tokens from {ti_dir}: {diffusion.first_line(e)}") from None
 
 
 @torch.no_grad()

@@ -121,10 +121,10 @@ def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, c
         if needed and not given:
             raise SkinaugError(f"strategy {strategy} needs {option}")
     plan = make_plan(train_csv, cfg, seed, strategy, sources_per_label)
-    tokens = _token_files(Path(ti_dir), plan) if s.ti else {}
+    tokens = _token_files(Path(ti_dir), plan, base_dir) if s.ti else {}
     if s.lora:
         lora_dir = choose_lora(lora_dir if isinstance(lora_dir, list) else [lora_dir], strategy)
-    loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan) if s.lora else {}
+    loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan, base_dir) if s.lora else {}
     if s.img2img:
         _check_sources(plan, Path(images_dir))
     device = diffusion.pick_device(cfg.model.device)
@@ -189,8 +189,8 @@ def load_pipeline(base_dir: Path, s: Strategy, tokens: dict[str, Path], loras: d
         for name, file in loras.items():
             where = str(file)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise SkinaugError(f"cannot load adapters from {where}: {e}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # past the checks of _token_files, _lora_files
+        raise SkinaugError(f"cannot load adapters from {where}: {diffusion.first_line(e)}") from None
     if cfg.model.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -287,18 +287,12 @@ def _adapter_name(label: str) -> str:
     return prompts.token(label).strip("<>")
 
 
-def _token_files(ti_dir: Path, plan: pd.DataFrame) -> dict[str, Path]:
-    """token -> its file, for the labels in the plan (a file holds {token: vector}, else is named after it)."""
-    from safetensors import safe_open
-
-    found = {}
-    for path in sorted(ti_dir.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt") as f:
-                keys = list(f.keys())
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
-            raise SkinaugError(f"cannot read token file {path}: {e}") from None
-        found[keys[0] if len(keys) == 1 and keys[0].startswith("<") else f"<{path.stem}>"] = path
+def _token_files(ti_dir: Path, plan: pd.DataFrame, base_dir: Path) -> dict[str, Path]:
+    """token -> its file, for the labels in the plan (a file holds {token: vector}, else is named after it);
+    every file in ti_dir must fit the base (diffusion.check_token_files)."""
+    paths = sorted(ti_dir.glob("*.safetensors"))
+    names = diffusion.check_token_files(base_dir, paths)
+    found = {name if name.startswith("<") else f"<{path.stem}>": path for name, path in zip(names, paths)}
     needed = sorted({prompts.token(label) for label in plan.label})
     absent = [t for t in needed if t not in found]
     if absent:
@@ -332,8 +326,9 @@ def choose_lora(lora_dirs: list[Path], strategy: str) -> Path:
     return matching[0]
 
 
-def _lora_files(lora_dir: Path, mode: str, plan: pd.DataFrame) -> dict[str, Path]:
-    """adapter name -> weights file: 'joint', or one per label (folder = token name) in per_label mode."""
+def _lora_files(lora_dir: Path, mode: str, plan: pd.DataFrame, base_dir: Path) -> dict[str, Path]:
+    """adapter name -> weights file: 'joint', or one per label (folder = token name) in per_label mode;
+    each must fit the base's UNet (diffusion.check_lora_files)."""
     if mode == "joint":
         files = {"joint": lora_dir / LORA_FILE}
     else:
@@ -341,6 +336,7 @@ def _lora_files(lora_dir: Path, mode: str, plan: pd.DataFrame) -> dict[str, Path
     absent = [f for f in files.values() if not f.is_file()]
     if absent:
         raise SkinaugError(f"LoRA weights not found: {absent[0]} (lora.mode is {mode})")
+    diffusion.check_lora_files(base_dir, list(files.values()))
     return files
 
 
