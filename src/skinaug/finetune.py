@@ -376,8 +376,31 @@ def _save_lora(unet, folder: Path) -> None:
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    adapter = unet.peft_config["default"].to_dict()
+    adapter["target_modules"] = sorted(adapter["target_modules"])  # a set in peft: listed in hash order
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+                                              unet_lora_adapter_metadata=adapter)
+    _sort_metadata(folder / LORA_FILE)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its __metadata__ keys sorted, in place.
+
+    safetensors (0.8) writes them in hash-map order, which changes from run to run: two identical
+    LoRAs would differ in bytes, so in DVC's hash and in every manifest's lora_sha256. Reordering
+    the keys of the compact JSON header keeps its length, the offsets and the tensors.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise SkinaugError(f"cannot reorder the header of {path}: it would grow")
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def lora_files(lora_dir: Path) -> dict[str | None, Path]:
