@@ -8,6 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, classify, config
+from skinaug import SkinaugError, atomic, classify, config
 from skinaug.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,3 +419,92 @@ def test_run_refuses_a_test_image_in_training(tmp_path):
     with pytest.raises(SkinaugError, match="in training"):
         classify.run(study["split_dir"], study["images_dir"], None, {"flex_light": tmp_path / "m.json"},
                      "resnet18", "real", small_cfg(), seed=0)
+
+
+# --- interruptions -------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(epoch: int):
+    def on_epoch(done: int) -> None:
+        if done == epoch:
+            raise _Stop
+
+    return on_epoch
+
+
+@pytest.mark.parametrize("selection", ["last", "val", "test_reference"])
+def test_interrupted_run_resumes_to_the_uninterrupted_metrics(tmp_path, selection):
+    """Stopped after epoch 2 of 3, a rerun trains epoch 3 only and writes the very same metrics:
+    the learned weights, Adam's moments, the sampler's and the dropout's random states (and the
+    rule's best epoch so far, or each epoch's test predictions) all come back from the checkpoint."""
+    study = write_study(tmp_path)
+    test = pd.read_csv(study["split_dir"] / "test.csv")
+    test.head(4).to_csv(study["split_dir"] / "flex_dark.csv", index=False)  # two test sets, as the ablation has
+    cfg = small_cfg(selection=selection, epochs=3, val_fraction=0.25)
+    args = (study["split_dir"], study["images_dir"], study["syn_dir"])
+
+    def outputs(name):
+        return {"test": tmp_path / name / "m_test.json", "flex_dark": tmp_path / name / "m_flex_dark.json"}
+
+    whole = classify.run(*args, outputs("whole"), "resnet18", "real_syn", cfg, seed=0)
+    with pytest.raises(_Stop):
+        classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=_stop_after(2))
+    work = tmp_path / "resumed" / ".m_test.json.partial"
+    assert (work / "checkpoint.pt").is_file()
+    assert not any(path.exists() for path in outputs("resumed").values())
+    epochs = []
+    resumed = classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=epochs.append)
+    assert epochs == [3]
+    assert resumed == whole
+    for name, path in outputs("resumed").items():
+        assert path.read_text() == outputs("whole")[name].read_text()
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["m_flex_dark.json", "m_test.json"]
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
+    study = write_study(tmp_path)
+    out = {"test": tmp_path / "m.json"}
+    with pytest.raises(_Stop):
+        classify.run(study["split_dir"], study["images_dir"], None, out, "resnet18", "real", small_cfg(epochs=3),
+                     seed=0, on_epoch=_stop_after(2))
+    epochs = []
+    classify.run(study["split_dir"], study["images_dir"], None, out, "resnet18", "real", small_cfg(epochs=3, lr=1e-2),
+                 seed=0, on_epoch=epochs.append)
+    assert epochs == [1, 2, 3]
+    assert not (tmp_path / ".m.json.partial").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_take_turns_and_write_what_one_writes(tmp_path):
+    """Two `skinaug classify` processes on the same metrics file (two `dvc exp` workers, say): the
+    second waits for the first's lock, then trains again from scratch (the first left no
+    checkpoint); the file is a single run's, whole, and nothing else is left beside it."""
+    study = write_study(tmp_path)
+    cfg = small_cfg(epochs=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    out = tmp_path / "metrics" / "m.json"
+    (single,) = classify.run(study["split_dir"], study["images_dir"], study["syn_dir"], {"test": tmp_path / "one.json"},
+                             "resnet18", "real_syn", cfg, seed=0)
+    cmd = [str(Path(sys.executable).parent / "skinaug"), "--params", str(params), "classify", str(study["split_dir"]),
+           str(study["images_dir"]), str(out), "--syn-dir", str(study["syn_dir"]), "--arch", "resnet18",
+           "--train-type", "real_syn", "--seed", "0"]
+    # Same thread count as the run above: CPU kernels sum in another order with other counts.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TORCH_HOME": str(tmp_path / "torch")}
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    with atomic.locked(out):  # both reach the lock before either may write
+        runs = []
+        for log in logs:
+            with open(log, "w") as f:
+                runs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + 120
+        while not all("waiting for another process" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(r.poll() is None for r in runs), [l.read_text() for l in logs]
+            time.sleep(0.1)
+    for run, log in zip(runs, logs):
+        assert run.wait(timeout=300) == 0, log.read_text()
+    assert json.loads(out.read_text()) == single
+    assert [p.name for p in out.parent.iterdir()] == ["m.json"]

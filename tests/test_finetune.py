@@ -250,6 +250,28 @@ def test_interrupted_lora_resumes_to_the_uninterrupted_result(lora_run, ti_run, 
     assert resumed.keys() == whole.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], atol=0, rtol=0)
+    # the very bytes: safetensors writes its metadata in hash-map order unless the header is sorted
+    assert (out / finetune.LORA_FILE).read_bytes() == (lora_run / finetune.LORA_FILE).read_bytes()
+    assert (out / "lora.json").read_bytes() == (lora_run / "lora.json").read_bytes()
+
+
+def test_sorted_metadata_makes_safetensors_files_reproducible(tmp_path):
+    """safetensors writes a file's __metadata__ in hash-map order, another in each process (the
+    LoRA file has two keys): with the keys sorted, the same tensors give the same bytes."""
+    from safetensors import safe_open
+
+    script = ("import json, sys, numpy as np; from safetensors.numpy import save_file; "
+              "save_file({'w': np.arange(3.0)}, sys.argv[1], metadata=json.loads(sys.argv[2]))")
+    metadata = {"format": "pt", "lora_adapter_metadata": '{\n "r": 8}', "x": "é"}
+    files = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for file in files:
+        subprocess.run([sys.executable, "-c", script, str(file), json.dumps(metadata)], check=True)
+    for file in files:
+        finetune._sort_metadata(file)
+    assert len({file.read_bytes() for file in files}) == 1
+    with safe_open(str(files[0]), "np") as f:
+        assert f.metadata() == metadata
+        assert f.get_tensor("w").tolist() == [0.0, 1.0, 2.0]
 
 
 def _broken(split, tmp_path, how):

@@ -5,10 +5,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from skinaug import SkinaugError, config, prompts
+from skinaug import SkinaugError, atomic, config, prompts
 from skinaug import generate as G
 
 LABELS = list(prompts.TOKENS)
@@ -231,6 +233,28 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(ref, monkeypatch, tm
     assert (ref / "manifest.csv").read_bytes() == (out / "manifest.csv").read_bytes()
 
 
+def test_a_batch_cut_short_is_made_again_whole(ref, monkeypatch, tmp_path, world, tiny_base, adapters, cfg):
+    """A kill between two images of one batch: the rerun computes that batch with all its rows (so
+    each image comes from the batch it always does, which on a GPU decides its last bits) and
+    writes only the missing images."""
+    out = tmp_path / "syn"
+    shutil.copytree(ref, out)
+    (out / "manifest.csv").unlink()
+    names = sorted(p.name for p in (out / "images").iterdir())[:4]  # make_plan order: the first batch of 4
+    first_batch = sorted(G.make_plan(world / "train.csv", cfg, 0, "img2img_ti_lora").file[:4])
+    assert [f"images/{n}" for n in names] == first_batch
+    kept = {n: (out / "images" / n).stat().st_ino for n in names[:2]}
+    for name in names[2:]:
+        (out / "images" / name).unlink()
+    calls, synthesize = [], G.synthesize
+    monkeypatch.setattr(G, "synthesize", lambda pipe, s, rows, *a: calls.append([r["file"] for r in rows])
+                        or synthesize(pipe, s, rows, *a))
+    run(world, tiny_base, out, cfg, adapters)
+    assert calls == [first_batch]
+    assert {n: (out / "images" / n).stat().st_ino for n in names[:2]} == kept  # not written again
+    assert same_bytes(ref, out)
+
+
 def test_changed_settings_start_over(ref, tmp_path, world, tiny_base, adapters, cfg, capsys):
     out = tmp_path / "syn"
     shutil.copytree(ref, out)
@@ -306,6 +330,40 @@ def test_accelerate_launch_two_processes(ref, tmp_path, world, tiny_base, adapte
     assert "4/4 [" in done.stderr and "8/8 [" not in done.stderr  # process 0 made half the images
     assert same_bytes(ref, tmp_path / "syn")
     assert (ref / "manifest.csv").read_bytes() == (tmp_path / "syn" / "manifest.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_take_turns(ref, tmp_path, world, tiny_base, adapters, cfg):
+    """Two `skinaug generate` processes on one out_dir (two `dvc exp` workers, say): the second waits
+    for the first's lock instead of deleting its temp files as leftovers, then finds every image
+    made; the folder holds one run's images and manifest, and nothing else."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    (tmp_path / "split").mkdir()
+    shutil.copy(world / "train.csv", tmp_path / "split" / "train.csv")
+    out = tmp_path / "out" / "syn"
+    cmd = [str(Path(sys.executable).parent / "skinaug"), "--params", str(params), "generate", str(tmp_path / "split"),
+           str(world / "images"), str(tiny_base), str(out), "--ti-dir", str(adapters / "ti"), "--lora-dir",
+           str(adapters / "lora"), "--seed", "0"]
+    # Same thread count as the reference run: CPU kernels sum in another order with other counts.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    with atomic.locked(out):  # both reach the lock before either may write
+        runs = []
+        for log in logs:
+            with open(log, "w") as f:
+                runs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + 120
+        while not all("waiting for another process" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(r.poll() is None for r in runs), [l.read_text() for l in logs]
+            time.sleep(0.1)
+    for proc, log in zip(runs, logs):
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    said = sorted(re.search(r"generate: 8 images \((\d) new\)", log.read_text()).group(1) for log in logs)
+    assert said == ["0", "8"]
+    assert same_bytes(ref, out)
+    assert (ref / "manifest.csv").read_bytes() == (out / "manifest.csv").read_bytes()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["syn"]
 
 
 # --- adapters and strategies ------------------------------------------------------------------------

@@ -21,108 +21,25 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
+from dvcrepo import DVC, LABELS, OVERRIDES, RUN_TIMEOUT_S, STRATEGIES, Repo, make_repo
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
-RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` (about 3 min on 2 idle cores; a guard, not a target)
-CMD_TIMEOUT_S = 300  # any other git/dvc command
 KILL_WINDOW_S = 180  # how long the interrupted run may take to write its first images
-
-# The reduced demo: every stage runs, each in seconds. Lists use Hydra's override syntax.
-LABELS = ["prurigo nodularis", "nematode infection"]  # the two smallest labels of Table 1: 188 images
-STRATEGIES = ["txt2img_vanilla", "img2img_lora", "img2img_ti_lora"]
-OVERRIDES = [
-    "model.tiny_vae_steps=0", "model.tiny_unet_steps=0",  # a random tiny base model
-    "splits.seeds=[0]",
-    "subset.labels=[" + ",".join(f"'{label}'" for label in LABELS) + "]",
-    "world.image_size=32",
-    "textual_inversion.steps=2", "lora.steps=2",
-    "generate.steps=2", "generate.batch_size=8",  # small batches: an interrupted run stops between them
-    "classify.epochs=1",
-    "ablation.seeds=[0]", "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
-]
 SCENARIOS = (1, 2)  # 2: the ablation's dark flexible images are training images there
-OUTPUT_DIRS = ("data", "models", "metrics", "reports")
-
-
-def _env(home: Path) -> dict:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
-    return keep | {
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `skinaug` of this venv for the stages
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-        "DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"), "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
-        "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "skinaug test", "GIT_AUTHOR_EMAIL": "test@skinaug.invalid",
-        "GIT_COMMITTER_NAME": "skinaug test", "GIT_COMMITTER_EMAIL": "test@skinaug.invalid",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
-        "TORCH_HOME": str(home / "torch"),
-    }
-
-
-class Repo:
-    def __init__(self, path: Path, env: dict):
-        self.path, self.env = path, env
-
-    def run(self, *cmd: str, timeout: float = CMD_TIMEOUT_S, ok: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(cmd), cwd=self.path, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
-        if ok and result.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                        f"{result.stderr[-4000:]}")
-        return result
-
-    def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return self.run(*DVC, *args, **kw)
-
-    def params(self) -> dict:
-        return yaml.safe_load((self.path / "params.yaml").read_text())
-
-    def status(self) -> set[str]:
-        """Names of the stages `dvc status` says changed."""
-        out = json.loads(self.dvc("status", "--json").stdout or "{}")
-        # The paper's metadata (data.dvc, a frozen import) is never fetched by the demo: always "not in cache".
-        if out.get("data.dvc") == [{"changed outs": {"data/fitzpatrick17k.csv": "not in cache"}}]:
-            del out["data.dvc"]
-        return {name.split(":")[-1] for name in out}
-
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        """(mtime_ns, size) of every output file and of dvc.lock."""
-        files = [self.path / "dvc.lock"]
-        for top in OUTPUT_DIRS:
-            files += [p for p in (self.path / top).rglob("*") if p.is_file()]
-        return {str(p.relative_to(self.path)): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> tuple[Repo, dict]:
     """The reduced demo run as two experiments (scenarios 1 and 2); returns the repo and `dvc exp show --json`."""
     base = tmp_path_factory.mktemp("pipeline")
-    home, path = base / "home", base / "repo"
-    home.mkdir()
-    path.mkdir()
-    repo = Repo(path, _env(home))
-    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, text=True,
-                             check=True).stdout.split("\0")
-    for name in filter(None, tracked):  # the working tree's tracked files, uncommitted edits included
-        src = ROOT / name
-        if src.is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, path / name)
-    repo.run("git", "init", "-q")
-    repo.run("git", "add", "-A")
-    repo.run("git", "commit", "-q", "-m", "skinaug")
+    repo = make_repo(base)
     sets = [arg for o in OVERRIDES for arg in ("-S", o)]
     for scenario in SCENARIOS:
         out = repo.dvc("exp", "run", *sets, "-S", f"scenario={scenario}", timeout=RUN_TIMEOUT_S).stdout

@@ -1,7 +1,16 @@
-"""Write files so that readers never see half of one (temp file in the same folder, then rename); hash them."""
+"""Write files so that readers never see half of one (temp file in the same folder, then rename); one
+writer per output at a time (a lock file beside it); hash files.
+
+Temp files are named `.{name}.{pid}.{random}.tmp{suffix}`: unique, so two processes writing the
+same file never share one, and traceable to their writer, so the next write of that file removes
+those of writers that were killed. Lock files are `.{name}.lock`, present only while held (or
+after a kill, until the next writer takes them).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -12,11 +21,17 @@ import pandas as pd
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path, sweep: bool = True):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    sweep: first remove the temp files of `path` that killed writers left (a scan of the folder;
+    callers writing thousands of files into one folder clear it once themselves and pass False).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    if sweep:
+        remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + path.suffix)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -27,6 +42,37 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Remove the temp files atomic_path made for `path` whose writer is no longer running; return them."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            rest = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+            pid = rest.split(".", 1)[0]
+            if ".tmp" in rest and pid.isdigit() and not _running(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is one of atomic_path's temp files (of any writer)."""
+    return name.startswith(".") and ".tmp" in name
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -41,6 +87,48 @@ def write_json(path: str | Path, obj) -> None:
 def write_csv(path: str | Path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, enabled: bool = True):
+    """Hold `path`'s lock (an exclusive flock on `.{name}.lock` beside it) for the block.
+
+    A second writer of the same output waits here, saying so once, until the first is done; the
+    lock goes with its holder, so a killed writer never blocks the next. The holder removes the
+    lock file before releasing it, and a waiter that then finds the file gone or replaced tries
+    again, so two writers never hold locks on two different files of one name.
+    enabled: False for the processes of a launch other than the main one (they wait at its barriers).
+    """
+    if not enabled:
+        yield
+        return
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    said = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            if not said:
+                print(f"waiting for another process writing {path} (it holds {lock})", flush=True)
+                said = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file as we waited on it: lock the new one
+    try:
+        yield
+    finally:
+        os.unlink(lock)
+        os.close(fd)
 
 
 def file_hash(path: str | Path, algorithm: str = "sha256") -> str:

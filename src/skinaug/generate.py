@@ -7,11 +7,14 @@
 The plan (one row per synthetic image: source, target skin type, prompt, seed) is a pure
 function of (train.csv, params, seed, strategy). Each image is fixed by its row alone: its own
 CPU torch.Generator feeds both the VAE posterior sample and the img2img noise (diffusers draws
-generator[i] for batch element i), so batch size, process count and interruptions change it by
-floating-point noise at most. Batches are fixed chunks of the plan and process p makes batches
+generator[i] for batch element i), so batch size and process count change it by floating-point
+noise at most. Batches are fixed chunks of the plan and process p makes batches
 p, p+n, p+2n..., so n processes compute exactly what one process computes. Images are written
-atomically, a rerun skips those already there, and process 0 writes manifest.csv last, after
-checking every planned file exists.
+atomically; a rerun makes only the batches that miss an image, each whole (so every image comes
+from its usual batch: a resumed run's images are an uninterrupted run's, on a GPU too) but writes
+only the missing ones, and process 0 writes manifest.csv last, after checking every planned file
+exists. A second run on the same out_dir (another `dvc exp` worker) waits for the first
+(atomic.locked), so neither deletes the other's files.
 """
 from __future__ import annotations
 
@@ -144,28 +147,31 @@ def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, c
     out_dir = Path(out_dir)
     fingerprint = {"manifest": hashlib.sha256(manifest.to_csv(index=False).encode()).hexdigest(),
                    "resolution": cfg.model.resolution, "out_size": cfg.generate.out_size, "dtype": str(dtype)}
-    missing = _prepare(out_dir, manifest, fingerprint, cfg.generate.out_size) if state.is_main_process else 0
-    state.wait_for_everyone()
+    with atomic.locked(out_dir, enabled=state.is_main_process):  # a second run on out_dir waits for this one
+        missing = _prepare(out_dir, manifest, fingerprint, cfg.generate.out_size) if state.is_main_process else 0
+        state.wait_for_everyone()
 
-    size = batch_size(cfg, device, dtype)
-    if cfg.generate.batch_size == 0 and device.type == "cuda" and state.num_processes > 1:
-        from accelerate.utils import gather_object
+        size = batch_size(cfg, device, dtype)
+        if cfg.generate.batch_size == 0 and device.type == "cuda" and state.num_processes > 1:
+            from accelerate.utils import gather_object
 
-        size = min(gather_object([size]))  # equal batches on every process (see the module docstring)
-    per_label = s.lora and cfg.lora.mode == "per_label"
-    mine = _batches(plan, size, per_label)[state.process_index::state.num_processes]
-    todo = [b for b in ([r for r in batch if not (out_dir / r["file"]).exists()] for batch in mine) if b]
-    _run(pipe, s, todo, Path(images_dir) if s.img2img else None, out_dir, cfg, per_label, state.is_main_process)
+            size = min(gather_object([size]))  # equal batches on every process (see the module docstring)
+        per_label = s.lora and cfg.lora.mode == "per_label"
+        mine = _batches(plan, size, per_label)[state.process_index::state.num_processes]
+        # a batch cut short is made again whole, so that each image comes from the batch it always does
+        todo = [batch for batch in mine if not all((out_dir / r["file"]).exists() for r in batch)]
+        _run(pipe, s, todo, Path(images_dir) if s.img2img else None, out_dir, cfg, per_label, state.is_main_process)
 
-    state.wait_for_everyone()
-    if state.is_main_process:
-        absent = [f for f in manifest.file if not (out_dir / f).exists()]
-        if absent:
-            raise SkinaugError(f"{len(absent)} planned images missing, first {out_dir / absent[0]}; rerun to finish")
-        atomic.write_csv(out_dir / "manifest.csv", manifest)
-        elapsed = time.perf_counter() - start
-        print(f"generate: {len(manifest)} images ({missing} new) in {elapsed:.1f} s, "
-              f"{missing / elapsed:.2f} images/s -> {out_dir}")
+        state.wait_for_everyone()
+        if state.is_main_process:
+            absent = [f for f in manifest.file if not (out_dir / f).exists()]
+            if absent:
+                raise SkinaugError(f"{len(absent)} planned images missing, first {out_dir / absent[0]}; "
+                                   "rerun to finish")
+            atomic.write_csv(out_dir / "manifest.csv", manifest)
+            elapsed = time.perf_counter() - start
+            print(f"generate: {len(manifest)} images ({missing} new) in {elapsed:.1f} s, "
+                  f"{missing / elapsed:.2f} images/s -> {out_dir}")
     return manifest
 
 
@@ -214,13 +220,15 @@ def _run(pipe, s: Strategy, todo: list[list[dict]], images_dir: Path | None, out
          per_label: bool, show: bool) -> None:
     from tqdm import tqdm
 
-    with tqdm(total=sum(map(len, todo)), unit="img", desc="generate", disable=not show) as bar:
-        for rows in todo:
+    missing = [[out_dir / r["file"] for r in rows if not (out_dir / r["file"]).exists()] for rows in todo]
+    with tqdm(total=sum(map(len, missing)), unit="img", desc="generate", disable=not show) as bar:
+        for rows, paths in zip(todo, missing):
             if per_label:
                 pipe.set_adapters([_adapter_name(rows[0]["label"])])
             for row, image in zip(rows, synthesize(pipe, s, rows, images_dir, cfg), strict=True):
-                _save_png(out_dir / row["file"], image, cfg.generate.out_size)
-            bar.update(len(rows))
+                if out_dir / row["file"] in paths:  # the others were kept from an interrupted run
+                    _save_png(out_dir / row["file"], image, cfg.generate.out_size)
+            bar.update(len(paths))
 
 
 def synthesize(pipe, s: Strategy, rows: list[dict], images_dir: Path | None, cfg: Config) -> list[Image.Image]:
@@ -359,6 +367,9 @@ def _prepare(out_dir: Path, manifest: pd.DataFrame, fingerprint: dict, out_size:
         print(f"generate: {images} holds images of other settings; starting over")
         shutil.rmtree(images)
     (out_dir / "manifest.csv").unlink(missing_ok=True)
+    for leftover in out_dir.glob(".*"):  # temp files of killed writes (manifest, plan); ours is the only run
+        if atomic.is_temp(leftover.name):
+            leftover.unlink()
     images.mkdir(parents=True, exist_ok=True)
     atomic.write_json(state, fingerprint)
     planned = {out_dir / f for f in manifest.file}
@@ -392,7 +403,7 @@ def _readable(path: Path, size: int) -> bool:
 def _save_png(path: Path, image: Image.Image, size: int) -> None:
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
-    with atomic.atomic_path(path) as tmp:
+    with atomic.atomic_path(path, sweep=False) as tmp:  # _prepare cleared the folder's leftovers
         image.save(tmp, format="PNG")
 
 

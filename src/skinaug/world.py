@@ -195,11 +195,12 @@ def make_world(world: WorldConfig, subset: SubsetConfig, out_dir: Path) -> pd.Da
     md5s = [hashlib.md5(f"world-{world.seed}-{i}".encode()).hexdigest() for i in range(len(cells))]
     images = Path(out_dir) / "images"
     images.mkdir(parents=True, exist_ok=True)
-    for stale in set(p.name for p in images.glob("*.jpg")) - {f"{m}.jpg" for m in md5s}:
-        (images / stale).unlink()
-    for md5, arr in zip(md5s, pixels):
-        with atomic.atomic_path(images / f"{md5}.jpg") as tmp:
-            Image.fromarray(arr).save(tmp, format="JPEG", quality=95)
+    with atomic.locked(images):  # a second run waits: the clean-up below would delete its temp files
+        for stale in {p.name for p in images.iterdir()} - {f"{m}.jpg" for m in md5s}:  # also killed writes
+            (images / stale).unlink()
+        for md5, arr in zip(md5s, pixels):
+            with atomic.atomic_path(images / f"{md5}.jpg", sweep=False) as tmp:
+                Image.fromarray(arr).save(tmp, format="JPEG", quality=95)
 
     urls = [f"https://example.invalid/world/{m}.jpg" for m in md5s]
     # Raters disagree by one type now and then; -1 marks "could not tell", as in the real CSV.

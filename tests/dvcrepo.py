@@ -1,0 +1,112 @@
+"""A throwaway git + DVC copy of this repository for tests that drive the real pipeline (test_pipeline, test_kill).
+
+`make_repo(base)` copies the repository's tracked files (as they are in the working tree, uncommitted
+edits included) into base/repo, commits them, and returns a Repo whose commands run with an
+environment of their own (base/home) and the venv's `dvc` and `skinaug` first on PATH. PYTHONPATH
+passes through, so a worktree's source can stand in for the venv's editable install.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
+RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` or `dvc repro` (about 3 min on 2 idle cores; a guard, not a target)
+CMD_TIMEOUT_S = 300  # any other git/dvc command
+
+# The reduced demo: every stage runs, each in seconds. Lists use Hydra's override syntax.
+LABELS = ["prurigo nodularis", "nematode infection"]  # the two smallest labels of Table 1: 188 images
+STRATEGIES = ["txt2img_vanilla", "img2img_lora", "img2img_ti_lora"]
+OVERRIDES = [
+    "model.tiny_vae_steps=0", "model.tiny_unet_steps=0",  # a random tiny base model
+    "splits.seeds=[0]",
+    "subset.labels=[" + ",".join(f"'{label}'" for label in LABELS) + "]",
+    "world.image_size=32",
+    "textual_inversion.steps=2", "lora.steps=2",
+    "generate.steps=2", "generate.batch_size=8",  # small batches: an interrupted run stops between them
+    "classify.epochs=1",
+    "ablation.seeds=[0]", "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
+]
+OUTPUT_DIRS = ("data", "models", "metrics", "reports")
+
+
+def env(home: Path) -> dict:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
+    return keep | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `skinaug` of this venv for the stages
+        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+        "DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"), "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "skinaug test", "GIT_AUTHOR_EMAIL": "test@skinaug.invalid",
+        "GIT_COMMITTER_NAME": "skinaug test", "GIT_COMMITTER_EMAIL": "test@skinaug.invalid",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
+        "TORCH_HOME": str(home / "torch"), "PYTHONUNBUFFERED": "1",  # log lines as they happen
+    }
+
+
+class Repo:
+    def __init__(self, path: Path, env: dict):
+        self.path, self.env = path, env
+
+    def run(self, *cmd: str, timeout: float = CMD_TIMEOUT_S, ok: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(cmd), cwd=self.path, env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        if ok and result.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                        f"{result.stderr[-4000:]}")
+        return result
+
+    def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run(*DVC, *args, **kw)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def compose_params(self, overrides: list[str]) -> None:
+        """params.yaml composed from conf/ with Hydra overrides, as `dvc exp run -S` composes it."""
+        script = ("import sys; from dvc.utils.hydra import compose_and_dump; "
+                  "compose_and_dump('params.yaml', sys.argv[1], None, 'config', '.', sys.argv[2:])")
+        self.run(sys.executable, "-c", script, str(self.path / "conf"), *overrides)
+
+    def status(self) -> set[str]:
+        """Names of the stages `dvc status` says changed."""
+        out = json.loads(self.dvc("status", "--json").stdout or "{}")
+        # The paper's metadata (data.dvc, a frozen import) is never fetched by the demo: always "not in cache".
+        if out.get("data.dvc") == [{"changed outs": {"data/fitzpatrick17k.csv": "not in cache"}}]:
+            del out["data.dvc"]
+        return {name.split(":")[-1] for name in out}
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """(mtime_ns, size) of every output file and of dvc.lock."""
+        files = [self.path / "dvc.lock"]
+        for top in OUTPUT_DIRS:
+            files += [p for p in (self.path / top).rglob("*") if p.is_file()]
+        return {str(p.relative_to(self.path)): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+
+
+def make_repo(base: Path) -> Repo:
+    """base/repo: a git + DVC repository holding this one's tracked files; base/home: its HOME."""
+    home, path = base / "home", base / "repo"
+    home.mkdir()
+    path.mkdir()
+    repo = Repo(path, env(home))
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, text=True,
+                             check=True).stdout.split("\0")
+    for name in filter(None, tracked):  # the working tree's tracked files, uncommitted edits included
+        src = ROOT / name
+        if src.is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, path / name)
+    repo.run("git", "init", "-q")
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-q", "-m", "skinaug")
+    return repo
