@@ -394,9 +394,9 @@ def image_difference(a: list, b: list) -> dict:
 
 
 def _source(path: Path, resolution: int) -> Image.Image:
-    """A source image as the reference (and generate.py) feed it: RGB, bicubic to a square."""
+    """A source image as the reference (and generate.py) feed it: RGB, bilinear to a square."""
     with Image.open(path) as im:
-        return im.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        return im.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
 
 
 def bench_generation(base_dir: Path, cfg: config.Config, train, images_dir: Path, s: Settings,
