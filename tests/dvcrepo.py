@@ -1,4 +1,4 @@
-"""A throwaway git + DVC copy of this repository for tests that drive the real pipeline (test_pipeline, test_kill).
+"""A throwaway git + DVC copy of this repository for tests that drive the real pipeline (test_pipeline).
 
 `make_repo(base)` copies the repository's tracked files (as they are in the working tree, uncommitted
 edits included) into base/repo, commits them, and returns a Repo whose commands run with an
