@@ -96,7 +96,7 @@ class Repo:
 def make_repo(base: Path) -> Repo:
     """base/repo: a git + DVC repository holding this one's tracked files; base/home: its HOME."""
     home, path = base / "home", base / "repo"
-    home.mkdir()
+    home.mkdir(parents=True)
     path.mkdir()
     repo = Repo(path, env(home))
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, text=True,
