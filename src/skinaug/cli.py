@@ -300,7 +300,7 @@ def bench(ctx, tiny: bool, out_dir: Path, device: str, only: str, base: Path | N
 
 @main.command("gpu-check")
 @click.argument("out_dir", type=PathArg)
-@click.option("--tiny", is_flag=True, help="The tiny model: the same code, seconds on a CPU (not GPU figures).")
+@click.option("--tiny", is_flag=True, help="The tiny model: the same code, about a minute on a CPU (not GPU figures).")
 def gpu_check(out_dir: Path, tiny: bool) -> None:
     """Every GPU stage once at paper settings (SD 2.1-base, random weights): time and peak memory per stage.
 
