@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test test-all params install
+.PHONY: demo test test-all params install gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	@echo "== installing skinaug and its dependencies into $(VENV) (torch from the local disk; ~2 min)"
@@ -27,3 +27,12 @@ demo: $(VENV)/.installed  ## the whole demo study on the CPU: dvc repro
 test: $(VENV)/.installed  ## the test suite (fast and slow tests; no network)
 	@echo "== pytest"
 	$(PY) -m pytest -q
+
+# The GPU check (benchmarks/README.md) runs where nothing can be downloaded: its packages travel as wheels.
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+gpu-wheels:  ## download the wheels benchmarks/gpu_check.sh installs into .whl (Python 3.12, x86-64, ~27 MiB)
+	rm -rf .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl -r benchmarks/gpu-wheels.txt
+	python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	@du -sh .whl

@@ -296,3 +296,21 @@ def bench(ctx, tiny: bool, out_dir: Path, device: str, only: str, base: Path | N
                            cfg=cfg, base=base)
     click.echo(result["table"])
     click.echo(f"bench: {result['seconds']:.0f} s -> {result['path']}")
+
+
+@main.command("gpu-check")
+@click.argument("out_dir", type=PathArg)
+@click.option("--tiny", is_flag=True, help="The tiny model: the same code, about a minute on a CPU (not GPU figures).")
+def gpu_check(out_dir: Path, tiny: bool) -> None:
+    """Every GPU stage once at paper settings (SD 2.1-base, random weights): time and peak memory per stage.
+
+    Writes OUT_DIR/gpu_check.json; benchmarks/gpu_check.sh runs it and `skinaug bench` offline.
+    """
+    from skinaug import gpucheck
+
+    result = gpucheck.run(out_dir, tiny=tiny)
+    click.echo(result["table"])
+    click.echo(f"gpu-check: {result['seconds']:.0f} s -> {result['path']}")
+    if not result["ok"]:
+        failed = [name for name, stage in result["stages"].items() if not stage["ok"]]
+        raise SkinaugError(f"gpu-check: {len(failed)} stage(s) failed ({', '.join(failed)}); see {result['path']}")
