@@ -31,6 +31,8 @@ STRATEGIES = ("img2img_ti_lora", "img2img_ti", "img2img_lora", "img2img_vanilla"
 SELECTIONS = ("last", "val", "test_reference")  # model selection rules (classify.SELECTION_LABELS)
 TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
 SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
+FEATURES = ("classifier", "dinov2")  # image features the quality measures compare (quality.EXTRACTORS)
+SELECT_RULES = ("tone", "lesion", "best_n")  # what the select stage may drop by (select.RULES)
 DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; cuda:N is not offered: Accelerate picks its own GPU
 VIT_PRETRAINED_SIZE = 224  # the only input side ImageNet vit_b_16 weights take (classify.crop_size)
 
@@ -159,6 +161,25 @@ class AblationConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    features: str  # "classifier" (the reference classifier's penultimate layer, offline) or "dinov2"
+    arch: str  # the reference classifier: classify_real's recipe and seed on the split's real training images
+    dinov2: str  # hub id or local folder of the DINOv2 model (features: dinov2)
+    revision: str | None  # pinned hub revision (commit hash) of that model; null = default branch
+    image_size: int  # DINOv2 input side (resize + centre crop), a multiple of its 14-pixel patch
+    nearest_k: int  # k of the k-NN manifolds of precision, recall, density and coverage (Naeem et al.: 5)
+    kid_subsets: int  # random subsets the kernel distance (KID) is averaged over
+    kid_subset_size: int  # images per KID subset; smaller groups use all their images
+    grid: int  # images per row of the best/worst grid
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    rules: list[str]  # synthetic images dropped before the classifiers: [] (the paper) or tone, lesion, best_n
+    best_n: int  # best_n: synthetic images kept per source, ranked by the reference classifier's belief in its label
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     seed: int  # the study seed whose images the tone check and the report's figures show
 
@@ -178,6 +199,8 @@ class Config:
     generate: GenerateConfig
     classify: ClassifyConfig
     ablation: AblationConfig
+    quality: QualityConfig
+    select: SelectConfig
     report: ReportConfig
 
 
@@ -371,6 +394,19 @@ RULES: dict[str, Rule] = {
     "ablation.arch": _one_of(ARCHS),
     "ablation.seeds": _each(_SEED),
     "ablation.sources_per_label": _int(0),
+    "quality.features": _one_of(FEATURES),
+    "quality.arch": _one_of(ARCHS),
+    "quality.dinov2": _TEXT,
+    "quality.revision": _TEXT,
+    "quality.image_size": Rule(lambda v: v >= 14 and v % 14 == 0, "a positive multiple of 14 (DINOv2's patch)"),
+    "quality.nearest_k": _int(1),
+    "quality.kid_subsets": _int(1),
+    "quality.kid_subset_size": _int(2),  # the unbiased estimate needs two images a side
+    "quality.grid": _int(1, 32),
+    # empty allowed: the paper's protocol keeps every synthetic image
+    "select.rules": Rule(lambda v: len(set(v)) == len(v) and all(r in SELECT_RULES for r in v),
+                         "a list without repeats, each one of " + ", ".join(SELECT_RULES) + " ([] keeps every image)"),
+    "select.best_n": _int(1),
     "report.seed": _SEED,
 }
 
