@@ -13,7 +13,7 @@ Against a reference set of real images of the requested skin type (never the tes
 - Precision, recall, density and coverage of k-NN manifolds (Kynkäänniemi et al. 2019, Naeem et
   al. 2020): fidelity and diversity apart.
 - Lesion kept: the reference classifier (real training images only) classifies each synthetic
-  image; its accuracy against the source's label (classification accuracy score).
+  image; its accuracy against the source's label (GAN-test, Shmelkov et al. 2018).
 - Tone moved: ITA of the source and of the synthetic image (tone.skin_ita), and the share in the
   requested type's band (tone.EXPECTED_ITA).
 
