@@ -412,7 +412,7 @@ RULES: dict[str, Rule] = {
 
 def _vit_fits(c: Config) -> bool:
     """ImageNet ViT weights hold position embeddings for 224-pixel inputs; the other archs pool any size."""
-    vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch)
+    vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch, c.quality.arch)
     return not (c.classify.pretrained and vit) or c.classify.crop_size == VIT_PRETRAINED_SIZE
 
 
@@ -428,7 +428,8 @@ CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     ("classify.crop_size", lambda c: c.classify.crop_size <= c.classify.image_size,
      "at most classify.image_size ({c.classify.image_size})"),
     ("classify.crop_size", _vit_fits,
-     f"{VIT_PRETRAINED_SIZE} for pretrained vit_b_16 (classify.archs or ablation.arch), or classify.pretrained: false"),
+     f"{VIT_PRETRAINED_SIZE} for pretrained vit_b_16 (classify.archs, ablation.arch or quality.arch), "
+     "or classify.pretrained: false"),
     # img2img runs int(strength * steps) scheduler steps, and diffusers refuses zero.
     ("generate.strength", lambda c: int(c.generate.strength * c.generate.steps) >= 1,
      "at least 1 / generate.steps (1/{c.generate.steps}) so img2img runs a step"),
