@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import pairwise_distances
+from scipy.spatial.distance import cdist
 from torch import nn
 from tqdm import tqdm
 
@@ -104,17 +104,19 @@ def manifold_scores(ref: np.ndarray, syn: np.ndarray, k: int) -> dict[str, float
         return dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
     ref_radii = _kth_neighbour(ref, k)
     syn_radii = _kth_neighbour(syn, k)
-    distances = pairwise_distances(ref, syn)
+    distances = cdist(ref, syn)
     inside = distances < ref_radii[:, None]  # real i's ball holds synthetic j
     syn_inside = distances < syn_radii[None, :]  # synthetic j's ball holds real i
     return {"precision": float(inside.any(axis=0).mean()), "recall": float(syn_inside.any(axis=1).mean()),
             "density": float(inside.sum(axis=0).mean() / k), "coverage": float(inside.any(axis=1).mean())}
 
 
-def _kth_neighbour(x: np.ndarray, k: int) -> np.ndarray:
-    """Distance of each point to its k-th nearest other point, by the same pairwise_distances the
-    comparisons use (as Naeem et al.'s prdc does), so a neighbour on the boundary is never inside."""
-    return np.partition(pairwise_distances(x), k, axis=1)[:, k]  # column 0: the point itself
+def _kth_neighbour(x: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point, in row chunks (no n x n matrix for
+    thousands of synthetic images). scipy's cdist computes each pair the same way in every call,
+    so a point at exactly that distance is never counted inside."""
+    return np.concatenate([np.partition(cdist(x[i:i + chunk], x), k, axis=1)[:, k]  # column 0: itself
+                           for i in range(0, len(x), chunk)])
 
 
 def set_scores(ref: np.ndarray, syn: np.ndarray, cfg: Config, seed: int) -> dict[str, float]:
@@ -238,7 +240,7 @@ def per_image(split_dir: Path, images_dir: Path, syn_dir: Path, model: nn.Module
     for fst, idx in table.groupby("fitzpatrick_scale").indices.items():
         ref_idx = np.flatnonzero(ref.fitzpatrick_scale.to_numpy() == fst)
         if len(ref_idx):
-            table.loc[table.index[idx], "nearest_ref"] = pairwise_distances(syn_feat[idx], ref_feat[ref_idx]).min(1)
+            table.loc[table.index[idx], "nearest_ref"] = cdist(syn_feat[idx], ref_feat[ref_idx]).min(1)
     return table, syn_feat, ref, ref_feat
 
 
