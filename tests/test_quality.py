@@ -283,6 +283,11 @@ def test_quality_run_writes_its_tables_figures_and_headline(tmp_path):
     assert list(by_type.fitzpatrick_scale.astype(str)) == ["5", "all"]
     assert by_type.n_ref.iloc[0] == (train.fitzpatrick_scale == 5).sum()
     assert by_type.reference.iloc[0] == f"train {(train.fitzpatrick_scale == 5).sum()}"
+    by_source = pd.read_csv(out / "by_source_type.csv")
+    pairs = list(zip(by_source.source_fitzpatrick_scale, by_source.fitzpatrick_scale))
+    assert pairs == [(1, 5), (2, 5), (5, 5)]  # write_study's sources: types 1, 2, 5, all requested at 5
+    assert set(by_source.n_ref) == {by_type.n_ref.iloc[0]}  # the requested type's reference, whatever the source
+    assert by_source.n_syn.sum() == head["n_syn"]
     assert (out / "grid.png").stat().st_size > 0 and (out / "ita_vs_lesion.png").stat().st_size > 0
     md = (out / "quality.md").read_text()
     assert "Per requested skin type and label" in md and "train " in md

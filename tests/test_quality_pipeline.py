@@ -38,7 +38,7 @@ def runs(tmp_path_factory) -> tuple[Repo, dict]:
 def test_quality_writes_tables_figures_and_headline_metrics(runs):
     repo, out = runs
     folder = repo.path / "reports/quality/scenario1/seed0"
-    for name in ("per_image.csv", "by_type.csv", "by_type_label.csv", "quality.md", "ita_vs_lesion.png", "grid.png"):
+    for name in ("per_image.csv", "by_type.csv", "by_source_type.csv", "by_type_label.csv", "quality.md", "ita_vs_lesion.png", "grid.png"):
         assert (folder / name).stat().st_size > 0, name
     by_type = pd.read_csv(folder / "by_type.csv")
     train = pd.read_csv(repo.path / "data/splits/scenario1/seed0/train.csv")

@@ -44,7 +44,7 @@ from skinaug.config import FEATURES, Config
 REFERENCE_SPLITS = ("train", "flex_light", "flex_dark")  # where reference images may come from; never test
 EVAL_BATCH = 64  # images per forward pass (memory only: eval mode, no batch statistics)
 HEADLINE = ("fd", "kid", "precision", "recall", "lesion_kept_pct", "tone_in_band_pct")  # metrics.json
-MEASURES = ("fd", "kid", "precision", "recall", "density", "coverage")
+REFERENCE_KEYS = ("fitzpatrick_scale", "label")  # what a group's reference set matches
 
 
 # --- distances and manifolds on features ---------------------------------------------------
@@ -211,6 +211,10 @@ def per_image(split_dir: Path, images_dir: Path, syn_dir: Path, model: nn.Module
     requested type: small = like some real image).
     """
     manifest = data.read_table(Path(syn_dir) / "manifest.csv")
+    unknown = sorted(set(manifest.label) - set(labels))
+    if unknown:
+        raise SkinaugError(f"synthetic images of labels not in subset.labels: {', '.join(unknown)}; "
+                           "re-run generate with these settings")
     ref = reference_rows(split_dir)
     ref = ref[ref.fitzpatrick_scale.isin(set(manifest.fitzpatrick_scale))].reset_index(drop=True)
     syn_paths = [str(Path(syn_dir) / f) for f in manifest.file]
@@ -222,9 +226,6 @@ def per_image(split_dir: Path, images_dir: Path, syn_dir: Path, model: nn.Module
         dino = load_dinov2(cfg, device)
         syn_feat = dinov2_features(dino, syn_paths, cfg, device)
         ref_feat = dinov2_features(dino, ref_paths, cfg, device) if len(ref) else np.zeros((0, syn_feat.shape[1]))
-    unknown = sorted(set(manifest.label) - set(labels))
-    if unknown:
-        raise SkinaugError(f"synthetic images of labels not in subset.labels: {', '.join(unknown)}")
     target = np.array([labels.index(x) for x in manifest.label])
     sources = manifest.source_md5hash.drop_duplicates()
     source_ita = dict(zip(sources, tone.measure([Path(images_dir) / f"{m}.jpg" for m in sources])))
@@ -246,15 +247,17 @@ def per_image(split_dir: Path, images_dir: Path, syn_dir: Path, model: nn.Module
 
 def group_scores(table: pd.DataFrame, syn_feat: np.ndarray, ref: pd.DataFrame, ref_feat: np.ndarray,
                  keys: list[str], cfg: Config, seed: int) -> pd.DataFrame:
-    """One row per group of the synthetic images by `keys` (requested fitzpatrick_scale, label),
-    against the reference images of the same keys; keys [] pools everything."""
+    """One row per group of the synthetic images by `keys` (requested fitzpatrick_scale, label,
+    source_fitzpatrick_scale), against the reference images of the same requested type and label;
+    keys [] pools everything."""
     rows = []
     groups = table.groupby(keys).indices.items() if keys else [((), np.arange(len(table)))]
     for key, idx in groups:
         key = key if isinstance(key, tuple) else (key,)
         mask = np.ones(len(ref), dtype=bool)
         for name, value in zip(keys, key):
-            mask &= ref[name].to_numpy() == value
+            if name in REFERENCE_KEYS:  # the source's type is the synthetic image's, not the reference's
+                mask &= ref[name].to_numpy() == value
         part = table.iloc[idx]
         rows.append({**dict(zip(keys, key)), "reference": describe(ref[mask]), "n_ref": int(mask.sum()),
                      "n_syn": len(idx), **set_scores(ref_feat[mask], syn_feat[idx], cfg, seed),
@@ -273,7 +276,7 @@ def headline(pooled: pd.Series, features: str) -> dict:
             "features": features}
 
 
-def markdown(by_type: pd.DataFrame, by_label: pd.DataFrame, cfg: Config, title: str) -> str:
+def markdown(by_type: pd.DataFrame, by_source: pd.DataFrame, by_label: pd.DataFrame, cfg: Config, title: str) -> str:
     feat = {"classifier": f"the reference classifier's penultimate layer ({cfg.quality.arch}, real training images)",
             "dinov2": f"DINOv2 CLS embeddings ({cfg.quality.dinov2} @ {cfg.quality.revision})"}[cfg.quality.features]
     return "\n".join([
@@ -284,13 +287,15 @@ def markdown(by_type: pd.DataFrame, by_label: pd.DataFrame, cfg: Config, title: 
         "the synthetic images against their source's label. Tone in band: share whose skin ITA falls in the "
         "requested type's band. NaN: too few images for the measure.", "",
         "### Per requested skin type", "", _md(by_type), "",
+        "### Per source skin type → requested skin type (light sources: the method's work)", "", _md(by_source), "",
         "### Per requested skin type and label", "", _md(by_label), "",
         "![ITA shift against lesion kept](ita_vs_lesion.png)", "",
         "![Best and worst synthetic images by each measure](grid.png)", ""])
 
 
 def _md(frame: pd.DataFrame) -> str:
-    return frame.rename(columns={"fitzpatrick_scale": "FST"}).round(3).to_markdown(index=False)
+    return frame.rename(columns={"fitzpatrick_scale": "FST", "source_fitzpatrick_scale": "source FST"}
+                        ).round(3).to_markdown(index=False)
 
 
 def plot_shift_vs_kept(by_label: pd.DataFrame, path: Path) -> None:
@@ -366,21 +371,25 @@ def plot_grid(table: pd.DataFrame, syn_dir: Path, n: int, path: Path) -> None:
 
 def run(split_dir: Path, images_dir: Path, syn_dir: Path, reference: Path, out_dir: Path, metrics_json: Path,
         cfg: Config, seed: int, title: str) -> dict:
-    """Measure one generate output; write per_image.csv, by_type.csv, by_type_label.csv,
-    quality.md, ita_vs_lesion.png and grid.png into out_dir, and the headline into metrics_json."""
+    """Measure one generate output; write per_image.csv, by_type.csv, by_source_type.csv,
+    by_type_label.csv, quality.md, ita_vs_lesion.png and grid.png into out_dir, and the headline
+    into metrics_json."""
     assert cfg.quality.features in FEATURES
     out_dir = Path(out_dir)
     device = diffusion.pick_device(cfg.model.device)
     model, labels = classify.load_reference(reference, cfg, device)
     table, syn_feat, ref, ref_feat = per_image(split_dir, images_dir, syn_dir, model, labels, cfg, device)
     by_type = group_scores(table, syn_feat, ref, ref_feat, ["fitzpatrick_scale"], cfg, seed)
+    by_source = group_scores(table, syn_feat, ref, ref_feat, ["source_fitzpatrick_scale", "fitzpatrick_scale"],
+                             cfg, seed)
     by_label = group_scores(table, syn_feat, ref, ref_feat, ["fitzpatrick_scale", "label"], cfg, seed)
     pooled = group_scores(table, syn_feat, ref, ref_feat, [], cfg, seed).assign(fitzpatrick_scale="all")
     by_type = pd.concat([by_type, pooled], ignore_index=True)
     atomic.write_csv(out_dir / "per_image.csv", table)
     atomic.write_csv(out_dir / "by_type.csv", by_type)
+    atomic.write_csv(out_dir / "by_source_type.csv", by_source)
     atomic.write_csv(out_dir / "by_type_label.csv", by_label)
-    atomic.write_text(out_dir / "quality.md", markdown(by_type, by_label, cfg, title))
+    atomic.write_text(out_dir / "quality.md", markdown(by_type, by_source, by_label, cfg, title))
     plot_shift_vs_kept(by_label, out_dir / "ita_vs_lesion.png")
     plot_grid(table, syn_dir, cfg.quality.grid, out_dir / "grid.png")
     head = headline(pooled.iloc[0], cfg.quality.features)
