@@ -84,6 +84,15 @@ def test_tone_rule_drops_the_images_outside_the_requested_band(tmp_path):
     assert "tone" in (tmp_path / "out" / "counts.md").read_text()
 
 
+def test_rules_that_keep_nothing_stop_with_one_line(tmp_path):
+    syn = coloured_syn(tmp_path)
+    manifest = pd.read_csv(syn / "manifest.csv")
+    manifest.iloc[1::2].to_csv(syn / "manifest.csv", index=False)  # only the pale images
+    with pytest.raises(SkinaugError, match="keep none of the 3 synthetic images") as err:
+        select.run(syn, tmp_path / "absent.pt", tmp_path / "out", with_rules(small_cfg(), ["tone"]))
+    assert "\n" not in str(err.value) and not (tmp_path / "out" / "kept.csv").exists()
+
+
 def test_lesion_rule_uses_the_reference_classifier_and_reads_no_split(tmp_path, monkeypatch):
     """With a classifier right by construction, only the repainted image goes; every file select
     opens is a synthetic image or its manifest (no split CSV, no real image)."""

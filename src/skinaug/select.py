@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinaug import atomic, classify, data, diffusion, quality, tone
+from skinaug import SkinaugError, atomic, classify, data, diffusion, quality, tone
 from skinaug.config import SELECT_RULES, Config
 
 RULES = ("tone", "lesion", "best_n")  # the order rules apply in
@@ -77,6 +77,9 @@ def run(syn_dir: Path, reference: Path, out_dir: Path, cfg: Config) -> pd.DataFr
     manifest = data.read_table(Path(syn_dir) / "manifest.csv")
     table = measures(manifest, syn_dir, reference, rules, cfg)
     dropped = decide(table, rules, cfg.select.best_n)
+    if len(table) and (dropped != "").all():
+        raise SkinaugError(f"select.rules {rules} keep none of the {len(table)} synthetic images in {syn_dir} "
+                           f"(dropped by {', '.join(sorted(set(dropped)))}); loosen select.rules")
     out_dir = Path(out_dir)
     atomic.write_csv(out_dir / "kept.csv", manifest[(dropped == "").to_numpy()])
     atomic.write_csv(out_dir / "decisions.csv", table.assign(dropped_by=dropped))
