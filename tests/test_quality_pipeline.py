@@ -1,13 +1,13 @@
 """The quality, reference and select stages in the real pipeline (issue 17), on the reduced demo.
 
 One module-scoped fixture runs tests/dvcrepo.py's reduced demo as an experiment with the paper's
-protocol (select.rules: []), then again with `-S 'select.rules=[lesion]'`, each up to quality@0 and
-the classifiers that train on synthetic images (the ablation's quality stage runs the same command
-on its own folders; tests/test_dvc_yaml.py checks its wiring). The tests check the quality outputs
-and headline metrics of the first, that the second re-runs only select and those classifiers, and
-that they trained on exactly what select kept. (Not [tone]: the random tiny base of the reduced
-demo leaves every image's skin light, so tone would keep none, which select refuses.) About 5 minutes on 2 idle CPU cores, all in
-subprocesses (the venv's `dvc` and `skinaug`).
+protocol (select.rules: []), then again with `-S 'select.rules=[lesion]'`, each up to quality@0
+and the classifiers that train on synthetic images (the ablation's quality stage runs the same
+command on its own folders; tests/test_dvc_yaml.py checks its wiring). The tests check the
+quality outputs and headline metrics of the first, that the second re-runs only select and those
+classifiers, and that they trained on exactly what select kept. Not [tone]: the reduced demo's
+random tiny base leaves every image's skin light, so tone would keep none, which select refuses.
+About 8 minutes on 2 busy CPU cores, all in subprocesses (the venv's `dvc` and `skinaug`).
 """
 from __future__ import annotations
 
@@ -75,13 +75,13 @@ def test_a_rule_reruns_only_select_and_the_synthetic_classifiers(runs):
     repo, out = runs
     ran = set(re.findall(r"Running stage '([^']+)'", out["logs"]["lesion"]))
     assert ran == {"select@0", "classify@0-resnet18-syn", "classify@0-resnet18-real_syn"}, ran
-    tone, paper = out["runs"]["lesion"], out["runs"]["paper"]
-    assert len(tone["kept"]) < len(paper["kept"])
-    assert set(tone["kept"].file) <= set(paper["kept"].file)
-    assert tone["metrics"]["syn"]["n_train"]["syn"] == len(tone["kept"])
-    assert tone["metrics"]["real_syn"]["n_train"]["real"] == paper["metrics"]["real_syn"]["n_train"]["real"]
+    picked, paper = out["runs"]["lesion"], out["runs"]["paper"]
+    assert len(picked["kept"]) < len(paper["kept"])
+    assert set(picked["kept"].file) <= set(paper["kept"].file)
+    assert picked["metrics"]["syn"]["n_train"]["syn"] == len(picked["kept"])
+    assert picked["metrics"]["real_syn"]["n_train"]["real"] == paper["metrics"]["real_syn"]["n_train"]["real"]
     decisions = pd.read_csv(repo.path / "data/selected/scenario1/seed0/decisions.csv")
-    assert list(tone["kept"].file) == list(decisions.file[decisions.predicted == decisions.label])
+    assert list(picked["kept"].file) == list(decisions.file[decisions.predicted == decisions.label])
     print({name: {t: (m["n_train"], round(m["accuracy_pct"], 2)) for t, m in r["metrics"].items()}
            for name, r in out["runs"].items()})
 

@@ -298,13 +298,21 @@ def _md(frame: pd.DataFrame) -> str:
                         ).round(3).to_markdown(index=False)
 
 
-def plot_shift_vs_kept(by_label: pd.DataFrame, path: Path) -> None:
-    """One point per label and requested type: median ITA shift (x) against lesion kept (y)."""
+def plot_shift_vs_kept(table: pd.DataFrame, path: Path) -> None:
+    """One point per label and requested type: median ITA shift (x) against lesion kept (y), over the
+    images asked to change skin type (a light source; a dark source is redrawn at its own type),
+    or over all images when none was."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    moved = table.source_fitzpatrick_scale != table.fitzpatrick_scale
+    which = "images asked to change skin type" if moved.any() else "all images (none asked to change type)"
+    table = table[moved] if moved.any() else table
+    by_label = table.groupby(["fitzpatrick_scale", "label"]).agg(
+        ita_shift_median=("ita_shift", "median"), lesion_kept_pct=("lesion_kept", "mean")).reset_index()
+    by_label["lesion_kept_pct"] *= 100
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for fst, part in by_label.groupby("fitzpatrick_scale"):
         ax.scatter(part.ita_shift_median, part.lesion_kept_pct, label=f"FST {fst}", s=36)
@@ -316,7 +324,7 @@ def plot_shift_vs_kept(by_label: pd.DataFrame, path: Path) -> None:
     ax.set_ylim(-5, 105)
     ax.axvline(0, color="grey", lw=0.5)
     ax.legend(fontsize=8)
-    ax.set_title("Did the skin darken, and did the lesion survive? (per label)", fontsize=10)
+    ax.set_title(f"Did the skin darken, and did the lesion survive? Per label, {which}", fontsize=9)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -326,7 +334,7 @@ def plot_shift_vs_kept(by_label: pd.DataFrame, path: Path) -> None:
 # measure -> (column, higher is better, title). tone: distance outside the requested band (0 inside).
 GRID_MEASURES = {"lesion": ("p_label", True, "lesion: reference classifier's p(source label)"),
                  "tone": ("band_miss", False, "tone: degrees outside the requested ITA band"),
-                 "realism": ("nearest_ref", False, "realism: feature distance to the nearest reference image")}
+                 "realism": ("nearest_ref", False, "realism: feature distance to the nearest reference")}
 
 
 def band_miss(table: pd.DataFrame) -> pd.Series:
@@ -362,7 +370,7 @@ def plot_grid(table: pd.DataFrame, syn_dir: Path, n: int, path: Path) -> None:
                 ax.set_title(f"{item.label[:14]}\nFST {item.fitzpatrick_scale}, {item[column]:.2g}", fontsize=6)
             axes[row, 0].text(-0.1, 0.5, f"{name}\n{half}", transform=axes[row, 0].transAxes, ha="right",
                               va="center", fontsize=8)
-        axes[2 * r, 0].set_title(title, fontsize=7, loc="left")
+    fig.suptitle("; ".join(title for _, _, title in GRID_MEASURES.values()), fontsize=7)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -390,7 +398,7 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path, reference: Path, out_d
     atomic.write_csv(out_dir / "by_source_type.csv", by_source)
     atomic.write_csv(out_dir / "by_type_label.csv", by_label)
     atomic.write_text(out_dir / "quality.md", markdown(by_type, by_source, by_label, cfg, title))
-    plot_shift_vs_kept(by_label, out_dir / "ita_vs_lesion.png")
+    plot_shift_vs_kept(table, out_dir / "ita_vs_lesion.png")
     plot_grid(table, syn_dir, cfg.quality.grid, out_dir / "grid.png")
     head = headline(pooled.iloc[0], cfg.quality.features)
     atomic.write_json(metrics_json, head)
