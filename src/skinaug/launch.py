@@ -1,0 +1,86 @@
+"""Several processes per stage from params: `launch.processes` > 1 re-runs the command under `accelerate launch`.
+
+    dvc exp run -S launch.processes=8        # textual inversion, LoRA and generation on 8 GPUs
+
+`skinaug textual_inversion|lora|generate` read the `launch` section themselves and, when it asks
+for more than one process and no launcher started them, replace themselves (exec: same process id,
+so DVC's signals and the exit status go straight to accelerate) by
+
+    python -m accelerate.commands.launch --multi_gpu --num_processes N ... -m skinaug <same arguments>
+
+The stage's `cmd` and declared params stay the same, so DVC sees no change: N processes compute
+what one process computes (finetune.py, generate.py). accelerate picks each process's card; with
+`model.device: cuda:K` the processes of this machine take cards K, K+1, ... (`--gpu_ids`), so
+queued experiments can share a node, a group of cards each. On CPUs the processes talk over gloo.
+
+Across machines, every machine runs the same stage command at the same time; only the machine's
+rank differs, so it comes from the environment (SKINAUG_MACHINE_RANK, default 0), not from params.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from skinaug import SkinaugError
+from skinaug.config import DEVICE_RE, Config, LaunchConfig
+
+RANK_VARIABLE = "SKINAUG_MACHINE_RANK"  # this machine's rank when launch.num_machines > 1
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "LOCAL_RANK")  # set by torchrun (accelerate launch) for every process
+
+
+def launched() -> bool:
+    """True inside a process some launcher started (ours, or `accelerate launch` by hand): never relaunch."""
+    return any(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
+def machine_rank(launch: LaunchConfig) -> int:
+    value = os.environ.get(RANK_VARIABLE, "0")
+    if not value.isdigit() or int(value) >= launch.num_machines:
+        raise SkinaugError(f"{RANK_VARIABLE} is {value!r}; allowed: 0 to {launch.num_machines - 1} "
+                           f"(launch.num_machines {launch.num_machines}), this machine's rank")
+    return int(value)
+
+
+def gpu_ids(device: str, per_machine: int, device_count: int) -> str | None:
+    """accelerate's --gpu_ids for model.device: cuda:K gives cards K..K+n-1 of this machine, else None (all)."""
+    match = re.fullmatch(DEVICE_RE, device)
+    if match is None:
+        return None
+    first = int(match.group(1))
+    if first + per_machine > device_count:
+        raise SkinaugError(f"model.device is {device} with {per_machine} processes on this machine: that needs "
+                           f"cards {first} to {first + per_machine - 1}, and it has {device_count}; "
+                           "pick a lower card, fewer launch.processes, or model.device cuda")
+    return ",".join(str(k) for k in range(first, first + per_machine))
+
+
+def command(cfg: Config, argv: list[str], device_count: int = 0, rank: int = 0) -> list[str]:
+    """The `accelerate launch` command line that runs `skinaug <argv>` as cfg.launch asks."""
+    launch = cfg.launch
+    per_machine = launch.processes // launch.num_machines
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(launch.processes), "--num_machines", str(launch.num_machines),
+           "--main_process_port", str(launch.main_process_port),
+           # our own settings decide these (model.mixed_precision, generate.compile), not accelerate's config
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if launch.num_machines > 1:
+        cmd += ["--machine_rank", str(rank), "--main_process_ip", launch.main_process_ip]
+    ids = gpu_ids(cfg.model.device, per_machine, device_count)
+    if ids is not None:
+        cmd += ["--gpu_ids", ids]
+    return [*cmd, "-m", "skinaug", *argv]
+
+
+def relaunch_if_asked(cfg: Config, argv: list[str]) -> None:
+    """Replace this process by `accelerate launch` of itself when launch.processes > 1 (returns otherwise)."""
+    if cfg.launch.processes == 1 or launched():
+        return
+    count = 0
+    if re.fullmatch(DEVICE_RE, cfg.model.device):
+        import torch
+
+        count = torch.cuda.device_count()
+    cmd = command(cfg, argv, count, machine_rank(cfg.launch))
+    print(f"launch: {cfg.launch.processes} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)
