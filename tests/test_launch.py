@@ -1,14 +1,24 @@
 """launch.processes > 1 re-runs a diffusion stage's command under `accelerate launch` (skinaug.launch),
-and model.device picks one card (diffusion.pick_device). The pipeline-level checks (same outputs with two
-processes through `dvc repro`, `dvc status` clean when only the launcher or the device changes, queued
-experiments on different devices) are in tests/test_pipeline_launch.py."""
+and model.device picks one card (diffusion.pick_device).
+
+The slow tests drive the real dvc.yaml on the reduced demo of tests/dvcrepo.py (one module-scoped
+`dvc repro generate@0`, then single stages): changing only the launcher or the device re-runs nothing,
+two CPU processes (gloo) make the outputs of one, and two queued experiments with different
+model.device values both succeed. About 8 minutes on 2 busy CPU cores, mostly process start-up.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import sys
+import time
 
 import pytest
 import torch
+import yaml
+from dvcrepo import OVERRIDES, RUN_TIMEOUT_S, Repo, make_repo
+from safetensors.torch import load_file
 
 from skinaug import SkinaugError, diffusion, launch
 
@@ -124,3 +134,93 @@ def test_under_a_multi_process_launcher_the_launcher_picks_the_card(cards, monke
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert diffusion.pick_device("cuda:2") == torch.device("cuda")  # accelerate: one card per local rank
     assert chosen == []
+
+
+# --- through DVC (slow) ------------------------------------------------------------------------------
+
+DIFFUSION = ("textual_inversion@0", "lora@0", "generate@0")
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory) -> tuple[Repo, dict]:
+    """The reduced demo up to generation with one process; returns the repo and dvc.lock's stages then."""
+    repo = make_repo(tmp_path_factory.mktemp("launch"))
+    repo.compose_params(OVERRIDES)
+    repo.run("git", "commit", "-qam", "reduced demo")  # queued experiments start from this commit
+    repo.dvc("repro", "generate@0", timeout=RUN_TIMEOUT_S)
+    return repo, yaml.safe_load((repo.path / "dvc.lock").read_text())["stages"]
+
+
+def _outs(lock: dict, stage: str) -> list[tuple[str, str]]:
+    return [(o["path"], o["md5"]) for o in lock[stage]["outs"]]
+
+
+def _changed(repo: Repo, target: str) -> dict:
+    return json.loads(repo.dvc("status", "--with-deps", target, "--json").stdout or "{}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["launch.processes=2"],
+    ["model.device=auto"],
+    ["launch.processes=8", "launch.main_process_port=29555", "model.device=cuda:1"],
+    ["launch.processes=16", "launch.num_machines=2", "launch.main_process_ip=10.0.0.1",
+     "launch.main_process_port=29500"],
+])
+def test_changing_only_the_launcher_or_the_device_reruns_nothing(repro, overrides):
+    repo, _ = repro
+    repo.compose_params(OVERRIDES + overrides)
+    assert _changed(repo, "generate@0") == {}
+
+
+@pytest.mark.slow
+def test_two_processes_through_dvc_repro_make_the_outputs_of_one(repro):
+    """Generation from the same adapters is the same bytes (the same dvc.lock hash); textual inversion
+    and LoRA are the same weights up to float rounding (gradients summed over processes in another
+    order), so their hashes match only when no sample's gradient is split differently."""
+    repo, one = repro
+    repo.compose_params(OVERRIDES + ["launch.processes=2"])
+    weights = {stage: {f.name: load_file(f) for f in sorted((repo.path / path).glob("*.safetensors"))}
+               for stage in DIFFUSION[:2] for path, _ in _outs(one, stage)}
+    shutil.rmtree(repo.path / _outs(one, "generate@0")[0][0])  # persist: true, -f would resume, not redo
+    times = {}
+    for stage in ("generate@0", *DIFFUSION[:2]):  # generation first, from the one-process adapters
+        start = time.monotonic()
+        done = repo.dvc("repro", "--force", "--single-item", stage, timeout=RUN_TIMEOUT_S)
+        times[stage] = time.monotonic() - start
+        assert "launch: 2 processes" in done.stderr, done.stderr[-2000:]
+        assert done.stdout.count(f"{stage.split('@')[0]}: ") == 1  # one summary: process 0's
+    two = yaml.safe_load((repo.path / "dvc.lock").read_text())["stages"]
+    assert _outs(two, "generate@0") == _outs(one, "generate@0")
+    for stage, files in weights.items():
+        (path, _), = _outs(two, stage)
+        assert sorted(f.name for f in (repo.path / path).glob("*.safetensors")) == sorted(files)
+        for name, tensors in files.items():
+            again = load_file(repo.path / path / name)
+            assert again.keys() == tensors.keys()
+            for key, value in tensors.items():
+                torch.testing.assert_close(again[key], value, atol=1e-5, rtol=0)
+    print("two processes, s per stage:", {k: round(v, 1) for k, v in times.items()})
+
+
+@pytest.mark.slow
+def test_queued_experiments_on_different_devices_both_succeed(repro):
+    """`dvc queue start -j 2` runs two experiments side by side, model.device cpu and auto (the CPU
+    stands in for two cards), up to a classifier (the cheapest stage that takes the device)."""
+    repo, _ = repro
+    target = "classify_real@0-resnet18"
+    for device in ("cpu", "auto"):
+        sets = [arg for o in [*OVERRIDES, f"model.device={device}"] for arg in ("-S", o)]
+        repo.dvc("exp", "run", "--queue", "--force", *sets, "-n", f"on-{device}", target)
+    repo.dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 2 * RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = repo.dvc("queue", "status").stdout
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(5)
+    repo.dvc("queue", "stop", "--kill", ok=False)
+    lines = {name: line for line in status.splitlines() for name in ("on-cpu", "on-auto") if name in line}
+    assert all("Success" in line for line in lines.values()) and len(lines) == 2, status
+    for name in lines:
+        assert "classify: resnet18 real seed 0" in repo.dvc("queue", "logs", name).stdout

@@ -82,5 +82,6 @@ def relaunch_if_asked(cfg: Config, argv: list[str]) -> None:
 
         count = torch.cuda.device_count()
     cmd = command(cfg, argv, count, machine_rank(cfg.launch))
-    print(f"launch: {cfg.launch.processes} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    print(f"launch: {cfg.launch.processes} processes: accelerate launch {' '.join(cmd[3:])}", file=sys.stderr,
+          flush=True)
     os.execv(cmd[0], cmd)
