@@ -136,6 +136,29 @@ def test_under_a_multi_process_launcher_the_launcher_picks_the_card(cards, monke
     assert chosen == []
 
 
+@pytest.mark.parametrize("device, n, error", [
+    ("cuda:0", 0, "device cuda:0 asked for but no CUDA device is visible; set model.device (or --device) to auto or cpu"),
+    ("cuda", 0, "device cuda asked for but no CUDA device is visible; set model.device (or --device) to auto or cpu"),
+    ("cuda:1", 2, "model.device is cuda:1 with 2 processes on this machine: that needs cards 1 to 2, and it has 2; "
+                  "pick a lower card, fewer launch.processes, or model.device cuda"),
+])
+def test_a_stage_asked_for_cards_it_cannot_have_stops_in_one_line_before_launching(
+        params_file, cards, execs, tmp_path, device, n, error):
+    from click.testing import CliRunner
+
+    from skinaug import cli
+
+    cards(n)
+    params = params_file(model={"device": device}, launch={"processes": 2})
+    for name in ("split", "images", "base"):
+        (tmp_path / name).mkdir()
+    args = ["--params", str(params), "lora", *(str(tmp_path / name) for name in ("split", "images", "base", "out")),
+            "--seed", "0"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 1 and result.stderr.splitlines() == [f"Error: {error}"]
+    assert execs == [] and not (tmp_path / "out").exists()
+
+
 # --- through DVC (slow) ------------------------------------------------------------------------------
 
 DIFFUSION = ("textual_inversion@0", "lora@0", "generate@0")
