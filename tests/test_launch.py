@@ -69,29 +69,43 @@ def test_several_machines_get_rank_address_and_port(repo_cfg, monkeypatch):
 
 @pytest.fixture
 def execs(monkeypatch) -> list[list[str]]:
-    """Records what relaunch_if_asked would exec instead of replacing the test process."""
+    """Records the full command line relaunch_if_asked would run, instead of running accelerate."""
     calls = []
-    monkeypatch.setattr(launch.os, "execv", lambda path, args: calls.append(args))
+    monkeypatch.setattr(launch, "run_launcher", lambda args: calls.append([sys.executable, "-m",
+                                                                          "accelerate.commands.launch", *args]))
     for name in launch.LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return calls
 
 
 def test_one_process_runs_in_place(repo_cfg, execs):
-    launch.relaunch_if_asked(_with(repo_cfg, processes=1), ARGV)
+    assert launch.relaunch_if_asked(_with(repo_cfg, processes=1), ARGV) is False
     assert execs == []
 
 
-def test_more_processes_replace_this_one_by_the_launcher(repo_cfg, execs):
-    launch.relaunch_if_asked(_with(repo_cfg, processes=2), ARGV)
+def test_more_processes_run_the_launcher_instead_of_the_stage(repo_cfg, execs):
+    assert launch.relaunch_if_asked(_with(repo_cfg, processes=2), ARGV) is True  # the command returns, its work done
     assert execs == [launch.command(_with(repo_cfg, processes=2), ARGV)]
 
 
 @pytest.mark.parametrize("variable", launch.LAUNCHER_VARIABLES)
 def test_a_process_a_launcher_started_never_relaunches(repo_cfg, execs, monkeypatch, variable):
     monkeypatch.setenv(variable, "0")
-    launch.relaunch_if_asked(_with(repo_cfg, processes=2), ARGV)
+    assert launch.relaunch_if_asked(_with(repo_cfg, processes=2), ARGV) is False
     assert execs == []
+
+
+def test_a_failed_worker_is_one_line_not_torchrun_s_traceback(monkeypatch):
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def fail(args):
+        raise ChildFailedError("skinaug", {1: ProcessFailure(local_rank=1, pid=1, exitcode=1, error_file="")})
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", fail)
+    with pytest.raises(SkinaugError) as err:
+        launch.run_launcher(["--multi_gpu", "--num_processes", "2", "-m", "skinaug", "lora"])
+    assert str(err.value) == "launched process(es) 1 (exit status 1) failed; their errors are above"
 
 
 @pytest.fixture

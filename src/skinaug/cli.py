@@ -137,7 +137,8 @@ def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, ou
     from skinaug import finetune, launch
 
     cfg = _cfg(ctx)
-    launch.relaunch_if_asked(cfg, sys.argv[1:])  # launch.processes > 1: this command under accelerate
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
     finetune.train_textual_inversion(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed)
 
 
@@ -154,7 +155,8 @@ def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, 
     from skinaug import finetune, launch
 
     cfg = _cfg(ctx)
-    launch.relaunch_if_asked(cfg, sys.argv[1:])  # launch.processes > 1: this command under accelerate
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
     finetune.train_lora(split_dir / "train.csv", images_dir, base_dir, ti_dir, out_dir, cfg, seed)
 
 
@@ -181,7 +183,8 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
     from skinaug import launch
 
     cfg = _cfg(ctx)
-    launch.relaunch_if_asked(cfg, sys.argv[1:])  # launch.processes > 1: this command under accelerate
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
     generate_mod.generate(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
                           ti_dir=ti_dir, lora_dir=list(lora_dirs), strategy=strategy or cfg.generate.strategy,
                           sources_per_label=sources_per_label)

@@ -3,10 +3,13 @@
     dvc exp run -S launch.processes=8        # textual inversion, LoRA and generation on 8 GPUs
 
 `skinaug textual_inversion|lora|generate` read the `launch` section themselves and, when it asks
-for more than one process and no launcher started them, replace themselves (exec: same process id,
-so DVC's signals and the exit status go straight to accelerate) by
+for more than one process and no launcher started them, run accelerate's launcher in their own
+process (so DVC's Ctrl-C reaches it, and it stops the workers) instead of the stage:
 
-    python -m accelerate.commands.launch --multi_gpu --num_processes N ... -m skinaug <same arguments>
+    accelerate launch --multi_gpu --num_processes N ... -m skinaug <same arguments>
+
+A worker's bad input shows as its own `Error: ...` line, then one line saying which processes
+failed (exit status 1), not torchrun's traceback.
 
 The stage's `cmd` and declared params stay the same, so DVC sees no change: N processes compute
 what one process computes (finetune.py, generate.py). accelerate picks each process's card; with
@@ -72,10 +75,11 @@ def command(cfg: Config, argv: list[str], device_count: int = 0, rank: int = 0) 
     return [*cmd, "-m", "skinaug", *argv]
 
 
-def relaunch_if_asked(cfg: Config, argv: list[str]) -> None:
-    """Replace this process by `accelerate launch` of itself when launch.processes > 1 (returns otherwise)."""
+def relaunch_if_asked(cfg: Config, argv: list[str]) -> bool:
+    """Run `skinaug <argv>` under `accelerate launch` when launch.processes > 1 and return True once every
+    process has finished; False when this process should do the work itself."""
     if cfg.launch.processes == 1 or launched():
-        return
+        return False
     count = 0
     if cfg.model.device.startswith("cuda"):  # checked here once, not in every launched process
         import torch
@@ -87,4 +91,23 @@ def relaunch_if_asked(cfg: Config, argv: list[str]) -> None:
     cmd = command(cfg, argv, count, machine_rank(cfg.launch))
     print(f"launch: {cfg.launch.processes} processes: accelerate launch {' '.join(cmd[3:])}", file=sys.stderr,
           flush=True)
-    os.execv(cmd[0], cmd)
+    run_launcher(cmd[3:])
+    return True
+
+
+def run_launcher(args: list[str]) -> None:
+    """`accelerate launch <args>` in this process; a failed or stopped worker is one SkinaugError line."""
+    import logging
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the workers' own errors say it
+    try:
+        launch_command(launch_command_parser().parse_args(args))
+    except ChildFailedError as e:
+        failed = ", ".join(f"{rank} (exit status {f.exitcode})" for rank, f in sorted(e.failures.items()))
+        raise SkinaugError(f"launched process(es) {failed} failed; their errors are above") from None
+    except SignalException as e:
+        raise SkinaugError(f"stopped by {e.sigval.name}; the launched processes were stopped too") from None
