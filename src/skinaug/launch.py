@@ -12,7 +12,7 @@ A worker's bad input shows as its own `Error: ...` line, then one line saying wh
 failed (exit status 1), not torchrun's traceback.
 
 The stage's `cmd` and declared params stay the same, so DVC sees no change: N processes compute
-what one process computes (finetune.py, generate.py). accelerate picks each process's card; with
+what one process computes, training up to float rounding (finetune.py, generate.py). accelerate picks each process's card; with
 `model.device: cuda:K` the processes of this machine take cards K, K+1, ... (`--gpu_ids`), so
 queued experiments can share a node, a group of cards each. On CPUs the processes talk over gloo.
 
