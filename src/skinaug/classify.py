@@ -573,7 +573,8 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     val = None if val_items is None else load_set(val_items, labels, ccfg.image_size, device)
     tests = {name: load_set(real_items(rows, images_dir), labels, ccfg.image_size, device)
              for name, rows in tests_rows.items()}
-    fingerprint = {"arch": arch, "train_type": train_type, "seed": seed, "labels": labels, "device": str(device),
+    fingerprint = {"arch": arch, "train_type": train_type, "seed": seed, "labels": labels,
+                   "device": device.type,  # a checkpoint made on another card resumes; one made on the CPU does not
                    "settings": dataclasses.asdict(ccfg),
                    "splits": {name: atomic.file_hash(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
                    "manifest": None if manifest is None else atomic.file_hash(Path(syn_dir) / "manifest.csv")}

@@ -6,6 +6,7 @@ Every command reads the settings once, through config.load.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from pathlib import Path
 
@@ -133,9 +134,11 @@ def base(ctx, out_dir: Path) -> None:
 @click.pass_context
 def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, seed: int) -> None:
     """Learn one token per label on that label's training images (all seven in one job)."""
-    from skinaug import finetune
+    from skinaug import finetune, launch
 
     cfg = _cfg(ctx)
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
     finetune.train_textual_inversion(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed)
 
 
@@ -149,9 +152,11 @@ def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, ou
 @click.pass_context
 def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, ti_dir: Path | None, seed: int) -> None:
     """Fine-tune the UNet with LoRA on prompts naming the learned tokens and the skin type."""
-    from skinaug import finetune
+    from skinaug import finetune, launch
 
     cfg = _cfg(ctx)
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
     finetune.train_lora(split_dir / "train.csv", images_dir, base_dir, ti_dir, out_dir, cfg, seed)
 
 
@@ -175,8 +180,11 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
              seed: int) -> None:
     """Synthesise dark-skin versions of every training image (img2img); resumes where it stopped."""
     from skinaug import generate as generate_mod
+    from skinaug import launch
 
     cfg = _cfg(ctx)
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
     generate_mod.generate(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
                           ti_dir=ti_dir, lora_dir=list(lora_dirs), strategy=strategy or cfg.generate.strategy,
                           sources_per_label=sources_per_label)

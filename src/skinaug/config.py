@@ -31,7 +31,8 @@ STRATEGIES = ("img2img_ti_lora", "img2img_ti", "img2img_lora", "img2img_vanilla"
 SELECTIONS = ("last", "val", "test_reference")  # model selection rules (classify.SELECTION_LABELS)
 TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
 SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
-DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; cuda:N is not offered: Accelerate picks its own GPU
+DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; model.device also takes cuda:K (one card, DEVICE_RE)
+DEVICE_RE = r"cuda:(\d+)"  # model.device naming card K; bench's --device stays with DEVICES
 VIT_PRETRAINED_SIZE = 224  # the only input side ImageNet vit_b_16 weights take (classify.crop_size)
 
 
@@ -84,7 +85,7 @@ class ModelConfig:
     revision: str | None  # pinned hub revision (commit hash); null = default branch
     resolution: int  # training and generation resolution in pixels
     mixed_precision: str  # "no", "fp16" or "bf16"; CPU always runs fp32
-    device: str  # "auto", "cpu" or "cuda"
+    device: str  # "auto", "cpu", "cuda" or "cuda:K" (card K); speed only: no stage declares it (README "Several GPUs")
     channels_last: bool  # UNet and VAE in channels_last memory format on GPU (speed only; same results)
     seed: int  # seed of the tiny demo model (model.base: tiny)
     tiny_corpus: int  # tiny model: images in the demo world's web corpus it is pretrained on
@@ -164,6 +165,17 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """How textual inversion, LoRA and generation start: no stage declares this section, so changing it
+    re-runs nothing (the outputs are the same with any number of processes)."""
+
+    processes: int  # processes per stage, all machines together; > 1 re-runs the command under `accelerate launch`
+    num_machines: int  # machines sharing those processes (each runs processes / num_machines)
+    main_process_ip: str | None  # address of machine rank 0; needed when num_machines > 1
+    main_process_port: int  # rendezvous port on machine rank 0; 0 = a free one (one machine only)
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str  # "demo" (embedded data, tiny model, CPU) or "paper" (the SPEC's settings)
     scenario: int  # 1, 2 or 3 (SPEC §2)
@@ -179,6 +191,7 @@ class Config:
     classify: ClassifyConfig
     ablation: AblationConfig
     report: ReportConfig
+    launch: LaunchConfig
 
 
 def load(path: str | Path = "params.yaml") -> Config:
@@ -325,7 +338,8 @@ RULES: dict[str, Rule] = {
     "model.revision": _TEXT,
     "model.resolution": _PIXELS,
     "model.mixed_precision": _one_of(("no", "fp16", "bf16")),
-    "model.device": _one_of(DEVICES),
+    "model.device": Rule(lambda v: v in DEVICES or re.fullmatch(DEVICE_RE, v) is not None,
+                         "one of " + ", ".join(DEVICES) + " or cuda:K (card K, counted from 0)"),
     "model.seed": _SEED,
     "model.tiny_corpus": _int(1),
     "model.tiny_vae_steps": _int(0),
@@ -372,6 +386,10 @@ RULES: dict[str, Rule] = {
     "ablation.seeds": _each(_SEED),
     "ablation.sources_per_label": _int(0),
     "report.seed": _SEED,
+    "launch.processes": _int(1),
+    "launch.num_machines": _int(1),
+    "launch.main_process_ip": _TEXT,
+    "launch.main_process_port": _int(0, 65535),
 }
 
 def _vit_fits(c: Config) -> bool:
@@ -396,6 +414,12 @@ CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     # img2img runs int(strength * steps) scheduler steps, and diffusers refuses zero.
     ("generate.strength", lambda c: int(c.generate.strength * c.generate.steps) >= 1,
      "at least 1 / generate.steps (1/{c.generate.steps}) so img2img runs a step"),
+    ("launch.processes", lambda c: c.launch.processes % c.launch.num_machines == 0,
+     "a multiple of launch.num_machines ({c.launch.num_machines}): each machine runs as many"),
+    ("launch.main_process_ip", lambda c: c.launch.num_machines == 1 or c.launch.main_process_ip is not None,
+     "the address of machine rank 0 when launch.num_machines > 1"),
+    ("launch.main_process_port", lambda c: c.launch.num_machines == 1 or c.launch.main_process_port > 0,
+     "a fixed port (not 0) when launch.num_machines > 1: every machine must know it"),
 ]
 
 

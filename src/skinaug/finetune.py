@@ -14,9 +14,9 @@ place only when complete: resume.Work; stock diffusers loaders read them):
 
 Demo profile (tiny model, 1,519 images, 60 steps each, 2 CPU cores): about 20 s per stage.
 
-More than one GPU: the same commands under accelerate (data parallel; same result as one process):
-    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) textual_inversion ...
-    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) lora ...
+More than one GPU: `launch.processes: 4` (params) runs the same commands under accelerate (launch.py;
+data parallel; the result of one process up to float rounding), as by hand would:
+    accelerate launch --multi_gpu --num_processes 4 -m skinaug textual_inversion ...
 Each process computes the loss of its share of every step's batch (`_mine`), normalised by the
 whole batch; the trainable gradients are summed over processes (one all-reduce per step), so
 every process applies the update a single process would. Only the main process writes.
@@ -654,6 +654,7 @@ def _place(*modules, device, dtype, model: ModelConfig) -> None:
 def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: Path, **extra) -> dict:
     """What a checkpoint must match to be resumed: settings, seed, split and base model."""
     section = cfg.textual_inversion if stage == "textual_inversion" else cfg.lora
+    model = dataclasses.asdict(cfg.model) | {"device": cfg.model.device.split(":")[0]}  # any card resumes it
     return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
-            "model": dataclasses.asdict(cfg.model), "train_csv": atomic.file_hash(train_csv),
+            "model": model, "train_csv": atomic.file_hash(train_csv),
             "base": diffusion.base_info(base_dir), **extra}

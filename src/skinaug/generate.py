@@ -2,7 +2,7 @@
 
     skinaug generate data/splits/scenario1/seed0 data/images models/base data/syn/scenario1/seed0 \\
         --ti-dir models/ti/scenario1/seed0 --lora-dir models/lora/scenario1/seed0 --seed 0
-    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) generate ...   # the same run on 4 GPUs
+    dvc exp run -S launch.processes=4    # the same run on 4 GPUs: the stage relaunches under accelerate (launch.py)
 
 The plan (one row per synthetic image: source, target skin type, prompt, seed) is a pure
 function of (train.csv, params, seed, strategy). Each image is fixed by its row alone: its own
