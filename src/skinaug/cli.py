@@ -47,6 +47,11 @@ def _seed_option(f):
     return click.option("--seed", type=int, required=True, help="Split seed of this study repeat.")(f)
 
 
+def _live_option(f):
+    return click.option("--live-dir", type=PathArg, default=None,
+                        help="Write the training curve here as it trains (a DVCLive folder; dvc.yaml names it).")(f)
+
+
 @main.command()
 @click.argument("out_dir", type=PathArg)
 @click.pass_context
@@ -130,13 +135,16 @@ def base(ctx, out_dir: Path) -> None:
 @click.argument("base_dir", type=ExistingPath)
 @click.argument("out_dir", type=PathArg)
 @_seed_option
+@_live_option
 @click.pass_context
-def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, seed: int) -> None:
+def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, seed: int,
+                      live_dir: Path | None) -> None:
     """Learn one token per label on that label's training images (all seven in one job)."""
     from skinaug import finetune
 
     cfg = _cfg(ctx)
-    finetune.train_textual_inversion(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed)
+    finetune.train_textual_inversion(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
+                                     live_dir=live_dir)
 
 
 @main.command()
@@ -146,13 +154,15 @@ def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, ou
 @click.argument("out_dir", type=PathArg)
 @click.option("--ti-dir", type=ExistingPath, default=None, help="Learned tokens; omit for plain condition names.")
 @_seed_option
+@_live_option
 @click.pass_context
-def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, ti_dir: Path | None, seed: int) -> None:
+def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, ti_dir: Path | None, seed: int,
+         live_dir: Path | None) -> None:
     """Fine-tune the UNet with LoRA on prompts naming the learned tokens and the skin type."""
     from skinaug import finetune
 
     cfg = _cfg(ctx)
-    finetune.train_lora(split_dir / "train.csv", images_dir, base_dir, ti_dir, out_dir, cfg, seed)
+    finetune.train_lora(split_dir / "train.csv", images_dir, base_dir, ti_dir, out_dir, cfg, seed, live_dir=live_dir)
 
 
 @main.command()
@@ -192,9 +202,10 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
 @click.option("--test", "test_names", multiple=True, default=["test"], show_default=True,
               help="Split CSV(s) to test on (test, flex_light, flex_dark); with several, OUT_JSON holds {test}.")
 @_seed_option
+@_live_option
 @click.pass_context
 def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Path | None,
-             arch: str, train_type: str, test_names: tuple[str, ...], seed: int) -> None:
+             arch: str, train_type: str, test_names: tuple[str, ...], seed: int, live_dir: Path | None) -> None:
     """Train one classifier and write its metrics (JSON) on each test set."""
     from skinaug import classify as classify_mod
 
@@ -203,7 +214,8 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
         raise click.UsageError("several --test sets need a {test} placeholder in OUT_JSON")
     outputs = {name: Path(str(out_json).replace("{test}", name)) for name in test_names}
     start = time.monotonic()
-    for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed):
+    for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed,
+                              live_dir=live_dir):
         click.echo(f"classify: {arch} {train_type} seed {seed} on {m['test_name']} ({m['n_test']} images): "
                    f"accuracy {m['accuracy_pct']:.2f}%, macro F1 {m['f1_pct']:.2f}%; "
                    f"epoch {m['chosen_epoch']}/{m['epochs']} by {m['selection']['rule']} "
