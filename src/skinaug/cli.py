@@ -285,6 +285,27 @@ def tone(ctx, split_dir: Path, images_dir: Path, out_dir: Path, syn_dir: Path | 
     click.echo(summary.to_string(index=False))
 
 
+@main.command("sweep-report")
+@click.argument("out_dir", type=PathArg)
+@click.option("--param", default=None, help="The swept params.yaml key; default: the one of generate.strength, "
+              "guidance, per_source, max_per_label that differs between the experiments.")
+@click.option("--exp", "names", multiple=True, help="Only this finished experiment (repeat it); default: all of HEAD's.")
+@click.option("--repo", "repo_dir", type=ExistingPath, default=Path("."), show_default=True,
+              help="The git + DVC repository holding the experiments.")
+def sweep_report(out_dir: Path, param: str | None, names: tuple[str, ...], repo_dir: Path) -> None:
+    """Dark-skin accuracy and tone shift against a swept setting, from finished `dvc exp run` experiments.
+
+    Writes OUT_DIR/sweep.md, sweep.csv and sweep.png. Queue a sweep first:
+    dvc exp run --queue -S 'generate.strength=0.3,0.5,0.7' && dvc exp run --run-all
+    """
+    from skinaug import sweep
+
+    exps = sweep.select(sweep.experiments(sweep.exp_show(repo_dir)), names)
+    table = sweep.write_report(exps, out_dir, *sweep.git_reader(repo_dir), param=param)
+    click.echo(f"sweep-report: {table.param.iloc[0]} over {table.value.nunique()} values, {len(exps)} experiments "
+               f"-> {out_dir / 'sweep.md'}, sweep.csv, sweep.png")
+
+
 @main.command()
 @click.option("--tiny", is_flag=True, help="The tiny model at 16 px: the same code, seconds on a CPU (not GPU figures).")
 @click.option("--out-dir", type=PathArg, default=Path("benchmarks/results"), show_default=True,
