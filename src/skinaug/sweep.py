@@ -167,7 +167,8 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                "n_seeds": len(g), "dark_accuracy_pct_mean": round(acc.mean(), 4),
                "dark_accuracy_pct_std": round(acc.std(ddof=1), 4) if len(g) > 1 else float("nan"),
                "dark_accuracy_pct_by_seed": "; ".join(f"{s}: {a:.2f}" for s, a in zip(g.seed, acc)),
-               "tone_shift_deg": round(g.tone_shift_deg.iloc[0], 4), "syn_in_band_pct": round(g.syn_in_band_pct.iloc[0], 4),
+               "tone_shift_deg": round(g.tone_shift_deg.iloc[0], 4),
+               "syn_in_band_pct": round(g.syn_in_band_pct.iloc[0], 4),
                "experiments": ", ".join(sorted(set(g.experiment)))}
         if g[QUALITY_KEY].notna().any():
             row[QUALITY_KEY] = round(g[QUALITY_KEY].iloc[0], 4)
@@ -182,8 +183,9 @@ def markdown(table: pd.DataFrame) -> str:
     show = pd.DataFrame({
         param: table.value,
         "classifier": [f"{ARCH_NAMES.get(a, a)} {TRAIN_NAMES.get(t, t)}" for a, t in zip(table.arch, table.train_type)],
-        "dark-skin accuracy % (mean ± std)": [f"{m:.2f} ± {s:.2f}" if pd.notna(s) else f"{m:.2f}"
-                                              for m, s in zip(table.dark_accuracy_pct_mean, table.dark_accuracy_pct_std)],
+        "dark-skin accuracy % (mean ± std)": [
+            f"{m:.2f} ± {s:.2f}" if pd.notna(s) else f"{m:.2f}"
+            for m, s in zip(table.dark_accuracy_pct_mean, table.dark_accuracy_pct_std)],
         "per seed": table.dark_accuracy_pct_by_seed, "seeds": table.n_seeds,
         "tone shift (ITA °)": table.tone_shift_deg.map("{:.1f}".format),
         "synthetic in target band %": table.syn_in_band_pct.map("{:.1f}".format),
@@ -201,7 +203,8 @@ def markdown(table: pd.DataFrame) -> str:
 def figure(table: pd.DataFrame, runs_df: pd.DataFrame, path: Path) -> None:
     """Dark-skin accuracy (mean ± std, each seed a dot) and tone shift against the swept value."""
     param = table.param.iloc[0]
-    panels = [("dark_accuracy_pct", "dark-skin test accuracy (%)"), ("tone_shift_deg", "tone shift (ITA °, light → syn)")]
+    panels = [("dark_accuracy_pct", "dark-skin test accuracy (%)"),
+              ("tone_shift_deg", "tone shift (ITA °, light → syn)")]
     if QUALITY_KEY in table:
         panels.append((QUALITY_KEY, "lesion kept (%)"))
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
@@ -221,15 +224,15 @@ def figure(table: pd.DataFrame, runs_df: pd.DataFrame, path: Path) -> None:
         ax.plot([x_of(v) for v in one.value], one[column], marker="o", color="#555555")
     for ax, (_, title) in zip(axes, panels):
         ax.set(xlabel=param, ylabel=title)
-        if not numeric:
-            ax.set_xticks(range(len(one)), [str(v) for v in one.value])
+        ax.set_xticks([x_of(v) for v in one.value], [str(v) for v in one.value])  # the swept values only
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Sweep over {param}: {len(one)} values, {table.n_seeds.max()} seed(s) each", fontsize=10)
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
 
 
-def write_report(exps: list[dict], out_dir: Path, read: Reader, listdir: Lister, param: str | None = None) -> pd.DataFrame:
+def write_report(exps: list[dict], out_dir: Path, read: Reader, listdir: Lister,
+                 param: str | None = None) -> pd.DataFrame:
     """out_dir/sweep.md, sweep.csv (one row per value and classifier), sweep.png; returns the table."""
     if len(exps) < 2:
         raise SkinaugError(f"{len(exps)} finished experiment(s) found; a sweep needs two or more "
