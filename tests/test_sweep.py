@@ -171,6 +171,9 @@ def test_a_queued_strength_sweep_of_the_reduced_demo_reports_and_plots(tmp_path)
     repo.dvc("exp", "run", "--run-all", "-j", "1", timeout=2 * RUN_TIMEOUT_S)
     exps = sweep.experiments(json.loads(repo.dvc("exp", "show", "--json").stdout))
     assert len(exps) == 2
+    logs = [(lambda done: done.stdout + done.stderr)(repo.dvc("queue", "logs", e["name"])) for e in exps]
+    # the second experiment takes the first's adapters from the run cache (their curves are cached outputs)
+    assert any("Stage 'textual_inversion@0' is cached" in log and "Stage 'lora@0' is cached" in log for log in logs)
 
     out = repo.run("skinaug", "sweep-report", "reports/sweep").stdout
     assert "generate.strength over 2 values, 2 experiments" in out

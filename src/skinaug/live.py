@@ -7,7 +7,9 @@
 
 dvc.yaml declares each folder's plots/ as a plots output (x: step), so `dvc plots show` and
 `dvc plots diff` draw them, and its metrics.json as a plain output (`dvc metrics show PATH` reads
-it; declared as metrics, every training run would add its columns to `dvc exp show`).
+it; declared as metrics, every training run would add its columns to `dvc exp show`). The
+adapter stages' folders are cached outputs: DVC restores a stage from its run cache only when
+every output is cached, and a sweep's experiments must not train the same adapters again.
 
 The folders are outputs DVC compares byte for byte, so they hold nothing but values computed
 from the inputs: no timestamps (DVCLive's log_metric writes one only when asked), no dvc.yaml
