@@ -188,7 +188,8 @@ def test_a_queued_strength_sweep_of_the_reduced_demo_reports_and_plots(tmp_path)
 
     names = [e["name"] for e in exps]
     plots = json.loads(repo.dvc("plots", "diff", *names, "--json").stdout)
-    assert not plots.get("errors"), plots.get("errors")
+    ours = [e for e in plots.get("errors") or [] if e["source"].startswith("dvclive/scenario1/")]
+    assert not ours, ours  # (the ablation's and the report's plots do not exist: those stages were not targeted)
     rendered = plots["data"]
     for curve in ("dvclive/scenario1/seed0/resnet18_real_syn/plots/metrics/train/loss.tsv",
                   "dvclive/scenario1/seed0/lora/plots/metrics/loss/joint.tsv"):
