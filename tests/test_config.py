@@ -175,6 +175,9 @@ LABEL = "psoriasis"
     ({"classify.pretrained": True, "ablation.arch": "vit_b_16"}, "classify.crop_size", "224 for pretrained vit_b_16"),
     ({"report.seed": 7}, "report.seed", "one of splits.seeds [0, 42]"),
     ({"generate.strength": 0.05}, "generate.strength", "at least 1 / generate.steps (1/10)"),
+    ({"generate.max_per_label": -1}, "generate.max_per_label", "an integer >= 0"),
+    ({"textual_inversion.log_every": 0}, "textual_inversion.log_every", "an integer >= 1"),
+    ({"lora.log_every": 0}, "lora.log_every", "an integer >= 1"),
 ])
 def test_a_value_out_of_range_is_refused_naming_key_value_and_what_is_allowed(raw, changes, key, allowed):
     changed = copy.deepcopy(raw)
@@ -201,6 +204,8 @@ def test_the_headline_message(raw):
     ("lora.checkpoint_every", 0),
     ("textual_inversion.tokens_per_pass", 0),  # all
     ("ablation.sources_per_label", 0),  # all
+    ("generate.max_per_label", 0),  # no cap
+    ("textual_inversion.log_every", 1),  # every update
     ("model.tiny_vae_steps", 0),  # random weights
     ("model.tiny_unet_steps", 0),
     ("lora.max_grad_norm", 0.0),  # no clip

@@ -157,7 +157,7 @@ def test_test_selected_runs_never_take_the_honest_headline_names(study, tmp_path
 
 
 def test_figures_render(built):
-    names = ["metrics_scenario1", "confusion_scenario1", "curves_scenario1", "metrics_scenario2_test_reference",
+    names = ["metrics_scenario1", "confusion_scenario1", "metrics_scenario2_test_reference",
              "confusion_scenario2_test_reference", "real_vs_synthetic"]
     for name in names:
         with Image.open(built["out"] / "figures" / f"{name}.png") as im:

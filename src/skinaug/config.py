@@ -104,6 +104,7 @@ class TextualInversionConfig:
     weight_decay: float  # AdamW weight decay
     flip_p: float  # probability of a horizontal flip
     checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
+    log_every: int  # optimiser updates per DVCLive loss row (the mean over them); shapes the logged curve
     tokens_per_pass: int  # tokens per forward pass, 0 = all; fewer uses less GPU memory, same result
     templates: str  # "authors" (their 11 neutral templates) or "imagenet" (diffusers' 27, with "a dark photo of")
 
@@ -119,6 +120,7 @@ class LoraConfig:
     max_grad_norm: float  # gradient-norm clip; 0 = none (the reference's clip is a no-op, see README deviations)
     weight_decay: float  # AdamW weight decay (the reference script's default)
     checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
+    log_every: int  # optimiser updates per DVCLive loss row (the mean over them); shapes the logged curve
     mode: str  # "joint" (one LoRA, released code) or "per_label" (paper runs)
     use_tokens: bool  # prompts name the learned tokens (false: plain condition names)
 
@@ -126,6 +128,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     per_source: int  # synthetic images per training image
+    max_per_label: int  # cap on synthetic images per label (the synthetic-to-real ratio below 1 per source); 0 = none
     strength: float  # img2img strength
     steps: int  # scheduler steps (img2img runs about strength * steps of them)
     guidance: float  # classifier-free guidance scale
@@ -352,6 +355,7 @@ RULES: dict[str, Rule] = {
     "textual_inversion.weight_decay": _num(0),
     "textual_inversion.flip_p": _num(0, 1),
     "textual_inversion.checkpoint_every": _int(0),
+    "textual_inversion.log_every": _int(1),
     "textual_inversion.tokens_per_pass": _int(0),
     "textual_inversion.templates": _one_of(TI_TEMPLATES),
     "lora.rank": _int(1),
@@ -363,8 +367,10 @@ RULES: dict[str, Rule] = {
     "lora.max_grad_norm": _num(0),
     "lora.weight_decay": _num(0),
     "lora.checkpoint_every": _int(0),
+    "lora.log_every": _int(1),
     "lora.mode": _one_of(("joint", "per_label")),
     "generate.per_source": _int(1),
+    "generate.max_per_label": _int(0),
     "generate.strength": _num(0, 1, open_lo=True),  # 0 would return the source unchanged
     "generate.steps": _int(1),
     "generate.guidance": _num(1),  # diffusers treats any scale <= 1 as no guidance: 1 says so

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from skinaug import SkinaugError, atomic, data
@@ -330,28 +329,6 @@ def confusion_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Pa
     _save(fig, path)
 
 
-def curves_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Path) -> None:
-    """Training loss per epoch (mean over seeds), plus validation/test loss where it was computed."""
-    archs = _ordered(runs.arch, ARCHS)
-    fig = Figure(figsize=(4.5 * len(archs), 3.5), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(archs), squeeze=False)[0])
-    for ax, arch in zip(axes, archs):
-        for t in TRAIN_TYPES:
-            g = runs[(runs.arch == arch) & (runs.train_type == t)]
-            if g.empty:
-                continue
-            curve = pd.concat([pd.DataFrame(r["curve"]) for r in g.record]).groupby("epoch").mean()
-            ax.plot(curve.index, curve["loss"], color=COLOURS[t], label=f"{TRAIN_NAMES[t]} train")
-            for col, style in (("val_loss", "--"), ("test_loss", ":")):
-                if col in curve:
-                    ax.plot(curve.index, curve[col], style, color=COLOURS[t], label=f"{TRAIN_NAMES[t]} {col[:-5]}")
-        ax.set(title=ARCH_NAMES.get(arch, arch), xlabel="epoch", ylabel="NLL loss (mean over seeds)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Scenario {scenario}: training curves (selection {selection})", fontsize=10)
-    _save(fig, path)
-
-
 def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[str], path: Path,
                  per_source: int = 5) -> None:
     """The paper's Fig. 2: per label, one real training image (the lightest skin type available)
@@ -471,7 +448,6 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
         atomic.write_csv(out_dir / f"table_scenario{scenario}{suffix}.csv", paper_layout(part))
         metrics_figure(part, scenario, selection, out_dir / "figures" / f"metrics_scenario{scenario}{suffix}.png")
         confusion_figure(runs, scenario, selection, out_dir / "figures" / f"confusion_scenario{scenario}{suffix}.png")
-        curves_figure(runs, scenario, selection, out_dir / "figures" / f"curves_scenario{scenario}{suffix}.png")
     for selection in _ordered(ab.selection, honest + ["test_reference"]):
         text.append(_ablation_section(ab[ab.selection == selection]))
     if any(d is not None for d in (split_dir, images_dir, syn_dir)):
