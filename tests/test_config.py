@@ -164,6 +164,8 @@ LABEL = "psoriasis"
      "224 for pretrained vit_b_16"),
     ({"classify.pretrained": True, "ablation.arch": "vit_b_16"}, "classify.crop_size", "224 for pretrained vit_b_16"),
     ({"report.seed": 7}, "report.seed", "one of splits.seeds [0, 42]"),
+    ({"report.bootstrap": 999}, "report.bootstrap", "an integer >= 1000"),
+    ({"report.bootstrap_seed": -1}, "report.bootstrap_seed", "an integer >= 0"),
     ({"generate.strength": 0.05}, "generate.strength", "at least 1 / generate.steps (1/10)"),
 ])
 def test_a_value_out_of_range_is_refused_naming_key_value_and_what_is_allowed(raw, changes, key, allowed):
@@ -202,6 +204,8 @@ def test_the_headline_message(raw):
     ("generate.guidance", 1.0),
     ("classify.crop_size", 36),  # = image_size
     ("data.metadata_md5", "75556ecbd0bd6227050112565c24b991"),
+    ("report.bootstrap", 1000),
+    ("report.bootstrap_seed", 0),
 ])
 def test_values_at_the_edge_of_their_range_are_accepted(raw, dotted, value):
     changed = copy.deepcopy(raw)
