@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 from test_classify import ROOT, small_cfg, write_study
@@ -266,3 +267,89 @@ def test_tone_section_carries_the_summary_rows_and_links_the_figure(study, tmp_p
     assert "| synthetic | 6 | 4 | -51.8 |" in text and "](tone/tone.png)" in text
     with pytest.raises(SkinaugError, match="run `skinaug tone`"):
         report.build_report(metrics_dir, tmp_path / "out", report_cfg(), tone_dir=tmp_path / "nothing")
+
+
+def test_classify_writes_the_predictions_the_report_reads(study):
+    table = report.read_predictions(study["root"] / "one.json", study["template"])
+    assert len(table) == study["template"]["n_test"] and list(table.columns) == ["md5hash", "fitzpatrick_scale",
+                                                                                 "true", "pred"]
+    assert 100 * (table.true == table.pred).mean() == pytest.approx(study["template"]["accuracy_pct"])
+
+
+def test_predictions_that_are_missing_or_do_not_match_are_refused(study, tmp_path):
+    path = tmp_path / "vgg16_real.json"
+    rec = write_run(path, study["template"], {5: 50}, per_fst=10)
+    with pytest.raises(SkinaugError, match="older metrics.*re-run its classify stage"):
+        report.read_predictions(path, {k: v for k, v in rec.items() if k != "predictions"})
+    with pytest.raises(SkinaugError, match="does not give the accuracy"):
+        report.read_predictions(path, {**rec, "accuracy_pct": 60.0})
+    classify.predictions_path(path).unlink()
+    with pytest.raises(SkinaugError, match="not found"):
+        report.read_predictions(path, rec)
+
+
+def test_intervals_worst_group_and_the_paired_test_in_the_report(built):
+    summary = pd.read_csv(built["out"] / "summary.csv").query("scenario == 1")
+    row = summary[(summary.arch == "vgg16") & (summary.train_type == "real")].iloc[0]
+    assert row.accuracy_pct_ci_low < 60 < row.accuracy_pct_ci_high  # 200 images a seed: about ± 4
+    assert row.worst_group_pct_mean == pytest.approx(55.0) and row.worst_group_fitzpatrick_scale == 6  # 45, 55, 65
+    paired = pd.read_csv(built["out"] / "paired_difference.csv").query("scenario == 1")
+    p = paired[paired.arch == "resnet18"].iloc[0]
+    # real+syn is right on every image real is right on, and on GAIN % more: the interval stays above 0
+    assert 0 < p.accuracy_pct_diff_ci_low < 3 < p.accuracy_pct_diff_ci_high
+    assert p.accuracy_pct_diff_p == pytest.approx(0.25) and p.p_smallest == pytest.approx(0.25)  # 3 seeds, all gain
+    assert p.dark_accuracy_pct_diff_mean == pytest.approx(3.0)  # FST 5 and 6 are the dark types
+    by_seed = pd.read_csv(built["out"] / "paired_difference_by_seed.csv").query("scenario == 1 and arch == 'vgg16'")
+    assert list(by_seed.accuracy_pct_diff) == pytest.approx([GAIN[s] for s in SEEDS])
+    text = (built["out"] / "results.md").read_text().split("# ⚠ Selected on the TEST set")[0]
+    assert "| VGG-16 | real | 60.00 [" in text and "55.00 ± 10.00 (FST 6)" in text
+    sentence = next(line for line in text.splitlines() if line.startswith("**Did the synthetic images help"))
+    assert "ResNet-18 helped, +3.00 points" in sentence and "not shown" not in sentence
+    assert "3 seeds are too few" in sentence and "at best 0.25" in sentence
+
+
+def paired_row(low: float, high: float, n_seeds: int = 5, p: float = 0.0625) -> pd.DataFrame:
+    return pd.DataFrame([{"arch": "vgg16", "n_seeds": n_seeds, "dark_accuracy_pct_diff_mean": (low + high) / 2,
+                          "dark_accuracy_pct_diff_ci_low": low, "dark_accuracy_pct_diff_ci_high": high,
+                          "dark_accuracy_pct_diff_p": p}])
+
+
+@pytest.mark.parametrize(("low", "high", "verdict"), [
+    (-1.5, 4.0, "VGG-16 not shown, +1.25 points"), (0.0, 4.0, "VGG-16 not shown"),  # zero inside or on the edge
+    (0.5, 4.0, "VGG-16 helped, +2.25 points"), (-6.0, -2.0, "VGG-16 hurt, -4.00 points")])
+def test_the_sentence_says_not_shown_when_the_interval_includes_zero(low, high, verdict):
+    per_seed = pd.DataFrame({"n_dark": [56] * 5})
+    sentence = report.dark_sentence(1, paired_row(low, high), per_seed, [5, 6])
+    assert verdict in sentence and ("not shown" in sentence) == (low <= 0 <= high)
+    assert sentence.startswith("**Did the synthetic images help on dark skin?** Scenario 1") and "56 per seed" in sentence
+    assert "at best 0.0625" in sentence  # five seeds cannot reach 0.05
+
+
+def test_the_sentence_says_what_the_seeds_can_show():
+    per_seed = pd.DataFrame({"n_dark": [56] * 6})
+    assert "the 6 seeds agree (sign-flip p = 0.0312)" in report.dark_sentence(
+        1, paired_row(1.0, 3.0, n_seeds=6, p=0.03125), per_seed, [5, 6])
+    assert "the 6 seeds leave it open (sign-flip p = 0.41)" in report.dark_sentence(
+        1, paired_row(1.0, 3.0, n_seeds=6, p=0.40625), per_seed, [5, 6])
+    assert "one seed" in report.dark_sentence(1, paired_row(1.0, 3.0, n_seeds=1, p=np.nan), per_seed, [5, 6])
+
+
+def test_metrics_json_keeps_the_headline_and_the_rest_goes_to_files_of_their_own(built):
+    head = json.loads((built["out"] / "metrics.json").read_text())
+    assert set(head) == {"scenario", "selection", *classify.ARCHS}
+    for arch in classify.ARCHS:
+        assert set(head[arch]) == {"real", "syn", "real_syn", "gain"}
+        assert all(set(head[arch][t]) == {"accuracy_pct", "f1_pct"} for t in classify.TRAIN_TYPES)
+    gain = head["resnet18"]["gain"]
+    assert gain["accuracy_pct"] == pytest.approx(3.0) and 0 < gain["ci_low"] < 3 < gain["ci_high"]
+    detail = {name: json.loads((built["out"] / f"metrics_{name}.json").read_text())
+              for name in ("intervals", "groups", "ablation")}
+    assert {name: set(d) for name, d in detail.items()} == {
+        "intervals": {"ci", "paired"}, "groups": {"worst_group"}, "ablation": {"table5"}}
+    # every file's columns start with a name of their own: `dvc exp show --drop '^(ci|paired)\.'` takes one file
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tops = [set(head) - {"scenario", "selection"}, *(set(d) for d in detail.values()), set(params)]
+    assert sum(map(len, tops)) == len(set().union(*tops))
+    assert detail["groups"]["worst_group"]["vgg16"]["real"] == {"accuracy_pct": 55.0, "fitzpatrick_scale": 6}
+    assert detail["intervals"]["paired"]["resnet18"]["p"] == pytest.approx(0.25)
+    assert detail["ablation"]["table5"]["txt2img_vanilla"]["gap_pct"] == pytest.approx(-21.0)
