@@ -205,6 +205,7 @@ def test_figures_render(built):
     for name in names:
         with Image.open(built["out"] / "figures" / f"{name}.png") as im:
             assert im.format == "PNG" and min(im.size) > 200
+            assert im.size[0] <= report.WIDTH_IN * report.DPI, f"{name} would be shrunk in a markdown page"
 
 
 def test_cli_report(study, tmp_path):

@@ -401,12 +401,15 @@ def _ablation_section(table: pd.DataFrame) -> str:
 # --- figures ---------------------------------------------------------------------------------
 
 COLOURS = {"real": "#4c72b0", "syn": "#dd8452", "real_syn": "#55a868"}
+# Figures are shown 1:1 in a markdown page (GitHub's column is about 880 px): at most WIDTH_IN inches
+# at DPI, so nothing is shrunk, and no text below MIN_FONT_PT.
+DPI, WIDTH_IN, MIN_FONT_PT = 110, 8.0, 8
 
 
 def metrics_figure(summary: pd.DataFrame, scenario: int, selection: str, path: Path) -> None:
     archs = _ordered(summary.arch, ARCHS)
-    fig = Figure(figsize=(4 * len(METRICS), 4), layout="constrained")
-    axes = fig.subplots(1, len(METRICS), sharey=True)
+    fig = Figure(figsize=(WIDTH_IN, 6.4), layout="constrained")
+    axes = fig.subplots(2, 2, sharey=True).ravel()
     x, width = np.arange(len(archs)), 0.8 / len(TRAIN_TYPES)
     for ax, (m, name) in zip(axes, METRICS.items()):
         for i, t in enumerate(TRAIN_TYPES):
@@ -418,9 +421,10 @@ def metrics_figure(summary: pd.DataFrame, scenario: int, selection: str, path: P
                 ax.plot(x + (i - 1) * width, paper, "k_", markersize=14, mew=2,
                         label="paper (reported)" if i == 0 else None)
         ax.set(title=name, xticks=x, xticklabels=[ARCH_NAMES.get(a, a) for a in archs], ylim=(0, 100))
-    axes[0].set_ylabel("% on the test set (mean ± sample std over seeds)")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8)
-    fig.suptitle(f"Scenario {scenario}: {SCENARIOS.get(scenario, '')} — selection: {SELECTION_LABELS[selection]}",
+    for ax in axes[::2]:
+        ax.set_ylabel("% on the test set\n(mean ± sample std over seeds)", fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=MIN_FONT_PT + 1)
+    fig.suptitle(f"Scenario {scenario}: {SCENARIOS.get(scenario, '')}\nselection: {SELECTION_LABELS[selection]}",
                  fontsize=10)
     _save(fig, path)
 
@@ -430,7 +434,8 @@ def confusion_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Pa
     labels = runs.record.iloc[0]["labels"]
     archs, types = _ordered(runs.arch, ARCHS), _ordered(runs.train_type, list(TRAIN_TYPES))
     short = [label[:3] for label in labels]
-    fig = Figure(figsize=(3.3 * len(types), 3.3 * len(archs) + 0.6), layout="constrained")
+    side = min(3.3, WIDTH_IN / len(types))
+    fig = Figure(figsize=(side * len(types), side * len(archs) + 0.9), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(archs), len(types), squeeze=False))
     for (i, arch), (j, t) in ((a, b) for a in enumerate(archs) for b in enumerate(types)):
         ax, g = axes[i, j], runs[(runs.arch == arch) & (runs.train_type == t)]
@@ -441,33 +446,44 @@ def confusion_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Pa
         share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for (r, c), v in np.ndenumerate(cm):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=7, color="white" if share[r, c] > 0.6 else "black")
-        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=short, yticklabels=short,
-               title=f"{ARCH_NAMES.get(arch, arch)}, {TRAIN_NAMES.get(t, t)} ({len(g)} seeds)")
-        ax.tick_params(labelsize=7)
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=MIN_FONT_PT,
+                    color="white" if share[r, c] > 0.6 else "black")
+        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=short, yticklabels=short)
+        ax.set_title(f"{ARCH_NAMES.get(arch, arch)}, {TRAIN_NAMES.get(t, t)} ({len(g)} seeds)", fontsize=9)
+        ax.tick_params(labelsize=MIN_FONT_PT)
+    key = [f"{s} = {label}" for s, label in zip(short, labels)]
     fig.suptitle(f"Scenario {scenario}, selection {selection}: rows true label, columns predicted; summed over seeds\n"
-                 + ", ".join(f"{s} = {label}" for s, label in zip(short, labels)), fontsize=8)
+                 + "\n".join(", ".join(key[i:i + 4]) for i in range(0, len(key), 4)), fontsize=MIN_FONT_PT + 1)
     _save(fig, path)
 
 
 def curves_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Path) -> None:
     """Training loss per epoch (mean over seeds), plus validation/test loss where it was computed."""
     archs = _ordered(runs.arch, ARCHS)
-    fig = Figure(figsize=(4.5 * len(archs), 3.5), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(archs), squeeze=False)[0])
+    cols = min(2, len(archs))
+    rows = -(-len(archs) // cols)
+    fig = Figure(figsize=(WIDTH_IN * cols / 2, 3.4 * rows + 0.3), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(archs):]:
+        ax.set_axis_off()
     for ax, arch in zip(axes, archs):
+        epochs = 1
         for t in TRAIN_TYPES:
             g = runs[(runs.arch == arch) & (runs.train_type == t)]
             if g.empty:
                 continue
             curve = pd.concat([pd.DataFrame(r["curve"]) for r in g.record]).groupby("epoch").mean()
-            ax.plot(curve.index, curve["loss"], color=COLOURS[t], label=f"{TRAIN_NAMES[t]} train")
+            marker = "o" if len(curve) <= 10 else None  # a short run's epochs (one epoch: a point, not a line)
+            ax.plot(curve.index, curve["loss"], color=COLOURS[t], marker=marker, ms=3, label=f"{TRAIN_NAMES[t]} train")
             for col, style in (("val_loss", "--"), ("test_loss", ":")):
                 if col in curve:
-                    ax.plot(curve.index, curve[col], style, color=COLOURS[t], label=f"{TRAIN_NAMES[t]} {col[:-5]}")
-        ax.set(title=ARCH_NAMES.get(arch, arch), xlabel="epoch", ylabel="NLL loss (mean over seeds)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
+                    ax.plot(curve.index, curve[col], style, color=COLOURS[t], marker=marker, ms=3,
+                            label=f"{TRAIN_NAMES[t]} {col[:-5]}")
+            epochs = max(epochs, int(curve.index.max()))
+        ax.set(title=ARCH_NAMES.get(arch, arch), xlabel="epoch", ylabel="NLL loss (mean over seeds)",
+               xlim=(0.5, epochs + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.legend(fontsize=MIN_FONT_PT)
     fig.suptitle(f"Scenario {scenario}: training curves (selection {selection})", fontsize=10)
     _save(fig, path)
 
@@ -487,7 +503,8 @@ def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[
     if not chosen:
         raise SkinaugError(f"no training image in {split_dir} has a synthetic version in {syn_dir}/manifest.csv")
     cols = 1 + max(len(s) for *_, s in chosen)
-    fig = Figure(figsize=(1.7 * cols, 1.8 * len(chosen)), layout="constrained")
+    tile = min(1.7, WIDTH_IN / cols)
+    fig = Figure(figsize=(tile * cols, (tile + 0.1) * len(chosen)), layout="constrained")
     axes = fig.subplots(len(chosen), cols, squeeze=False)
     for row, (label, src, syn) in zip(axes, chosen):
         tiles = [(Path(images_dir) / f"{src.md5hash}.jpg", f"real, FST {src.fitzpatrick_scale}")]
@@ -497,15 +514,16 @@ def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[
         for ax, (file, title) in zip(row, tiles):
             with Image.open(file) as im:
                 ax.imshow(im.convert("RGB"))
-            ax.set_title(title, fontsize=7)
-        row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right", va="center", fontsize=8)
+            ax.set_title(title, fontsize=MIN_FONT_PT)
+        row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right", va="center",
+                    fontsize=MIN_FONT_PT)
     fig.suptitle("Real training images (left)\nand their synthetic versions", fontsize=9)
     _save(fig, path)
 
 
 def _save(fig: Figure, path: Path) -> None:
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 # --- the stage -------------------------------------------------------------------------------
