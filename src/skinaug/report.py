@@ -11,9 +11,16 @@ over seeds; "paper (reported)" the means printed in the paper. Results selected 
 reference rule (lowest TEST loss) get their own section and file names; they never enter the
 honest tables, the headline metrics or the dvc plots.
 
-Writes into out_dir: results.md (every table), summary.csv, table_scenario{S}.csv,
-paired_difference.csv, accuracy_by_skin_type.csv, ablation.csv, metrics.json (headline for
-`dvc exp show`), plots/accuracy.csv (for `dvc plots`) and figures/*.png.
+Each metrics JSON names its per-image predictions ({stem}.predictions.csv beside it); from them come
+the 95 % bootstrap intervals, the paired real+syn − real differences with a sign-flip test over seeds,
+and the sentence per scenario on dark skin (skinaug.stats). The worst group is the skin type of lowest
+accuracy.
+
+Writes into out_dir: results.md (every table), summary.csv (with intervals and worst group),
+table_scenario{S}.csv, paired_difference.csv, paired_difference_by_seed.csv,
+accuracy_by_skin_type.csv, ablation.csv, metrics.json (the short headline for `dvc exp show`),
+metrics_intervals.json, metrics_groups.json, metrics_ablation.json (the rest, one top-level key
+each), plots/accuracy.csv (for `dvc plots`) and figures/*.png (8 in wide at 110 dpi: shown 1:1).
 """
 from __future__ import annotations
 
