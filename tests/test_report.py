@@ -66,7 +66,6 @@ def write_run(path: Path, template: dict, correct_pct_by_fst: dict[int, int], pe
             fst.append(s)
             names.append(f"{key}-{s}-{i:04d}")
     rec = record(template, **classify.score(true, pred, labels, fst), **changes)
-    rec["predictions"] = classify.predictions_path(path).name
     atomic.write_csv(classify.predictions_path(path), pd.DataFrame({
         "md5hash": names, "fitzpatrick_scale": fst, "label": [labels[i] for i in true],
         "predicted": [labels[i] for i in pred]}))
@@ -280,12 +279,12 @@ def test_classify_writes_the_predictions_the_report_reads(study):
 def test_predictions_that_are_missing_or_do_not_match_are_refused(study, tmp_path):
     path = tmp_path / "vgg16_real.json"
     rec = write_run(path, study["template"], {5: 50}, per_fst=10)
-    with pytest.raises(SkinaugError, match="older metrics.*re-run its classify stage"):
-        report.read_predictions(path, {k: v for k, v in rec.items() if k != "predictions"})
     with pytest.raises(SkinaugError, match="does not give the accuracy"):
         report.read_predictions(path, {**rec, "accuracy_pct": 60.0})
+    with pytest.raises(SkinaugError, match="does not match vgg16_real.json"):
+        report.read_predictions(path, {**rec, "n_test": 11})
     classify.predictions_path(path).unlink()
-    with pytest.raises(SkinaugError, match="not found"):
+    with pytest.raises(SkinaugError, match="vgg16_real.predictions.csv not found.*re-run its classify stage"):
         report.read_predictions(path, rec)
 
 

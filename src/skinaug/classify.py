@@ -528,7 +528,8 @@ def curve_for(curve: list[dict], test_name: str) -> list[dict]:
 
 def predictions_path(out_json: Path) -> Path:
     """Where a metrics file's per-image predictions go: beside it, {stem}.predictions.csv
-    (md5hash, fitzpatrick_scale, label, predicted), the report's bootstrap draws from them."""
+    (md5hash, fitzpatrick_scale, label, predicted), the report's bootstrap draws from them. The
+    record does not name it, so a record stays the same wherever it is written."""
     return Path(out_json).with_suffix(".predictions.csv")
 
 
@@ -607,7 +608,6 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
                 **score(test.targets.cpu(), preds[test_name], labels, test.table.fitzpatrick_scale),
                 # no timing: a resumed run's metrics equal an uninterrupted one's (the CLI prints the time)
                 "curve": curve_for(curve, test_name), "device": str(device),
-                "predictions": predictions_path(out_json).name,  # per test image, for the report's intervals
             }
             atomic.write_json(out_json, record)
             records.append(record)

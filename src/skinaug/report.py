@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, data, stats
+from skinaug import SkinaugError, atomic, classify, data, stats
 from skinaug.classify import ARCHS, SELECTION_LABELS, TRAIN_TYPES
 from skinaug.config import Config
 
@@ -103,14 +103,13 @@ def load_metrics(*metrics_dirs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def read_predictions(metrics_path: Path, record: dict) -> pd.DataFrame:
-    """The per-image predictions a classifier's metrics file names (classify.predictions_path), as
+    """The per-image predictions beside a classifier's metrics file (classify.predictions_path), as
     class ids (true, pred) beside md5hash and fitzpatrick_scale; they must give the record's accuracy."""
     again = "re-run its classify stage (`dvc repro`)"
-    if "predictions" not in record:
-        raise SkinaugError(f"{metrics_path} names no per-image predictions (older metrics): {again}")
-    path = metrics_path.parent / record["predictions"]
+    path = classify.predictions_path(metrics_path)
     if not path.is_file():
-        raise SkinaugError(f"{path} not found (named by {metrics_path}): {again}")
+        raise SkinaugError(f"{path} not found beside {metrics_path.name} (metrics older than the per-image "
+                           f"predictions?): {again}")
     table = data.read_table(path)
     labels = record["labels"]
     unknown = sorted((set(table.label) | set(table.predicted)) - set(labels))
