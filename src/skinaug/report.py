@@ -11,7 +11,7 @@ over seeds; "paper (reported)" the means printed in the paper. Results selected 
 reference rule (lowest TEST loss) get their own section and file names; they never enter the
 honest tables, the headline metrics or the dvc plots.
 
-Each metrics JSON names its per-image predictions ({stem}.predictions.csv beside it); from them come
+Beside each metrics JSON lie its per-image predictions ({stem}.predictions.csv); from them come
 the 95 % bootstrap intervals, the paired real+syn − real differences with a sign-flip test over seeds,
 and the sentence per scenario on dark skin (skinaug.stats). The worst group is the skin type of lowest
 accuracy.
