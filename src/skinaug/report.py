@@ -206,7 +206,8 @@ def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0
         if len(sets["flex_light"]) and len(sets["flex_dark"]):
             row |= stats.light_dark(list(sets["flex_light"].predictions), list(sets["flex_dark"].predictions),
                                     len(g.record.iloc[0]["labels"]), resamples, seed)
-        worst = [stats.worst_group({int(s): a for r in runs.record for s, a in r["accuracy_pct_by_fitzpatrick_scale"].items()})
+        worst = [stats.worst_group({int(s): a for r in runs.record  # both test sets of the seed
+                                    for s, a in r["accuracy_pct_by_fitzpatrick_scale"].items()})
                  for _, runs in g.groupby("seed")]
         row |= {"worst_group_pct_mean": np.mean([a for _, a in worst]),
                 "worst_group_pct_std": np.std([a for _, a in worst], ddof=1) if len(worst) > 1 else np.nan,
@@ -362,7 +363,8 @@ def dark_sentence(scenario: int, paired: pd.DataFrame, per_seed: pd.DataFrame, d
         if n < 2:
             seeds = "one seed, so nothing to say across seeds"
         elif stats.smallest_p(n) > alpha:
-            seeds = f"{n} seeds are too few for the sign-flip test to reach p < {alpha:g} (p = {p:.2f}, at best {stats.smallest_p(n):.3g})"
+            seeds = (f"{n} seeds are too few for the sign-flip test to reach p < {alpha:g} "
+                     f"(p = {p:.2f}, at best {stats.smallest_p(n):.3g})")
         elif p < alpha:
             seeds = f"the {n} seeds agree (sign-flip p = {p:.3g})"
         else:
