@@ -655,7 +655,7 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
             ("All numbers are percentages on the test images. **ours**: mean ± sample standard deviation "
              "(ddof=1) over seeds, `(n=1)` for a single run; **paper (reported)**: the paper's means "
              "(Wang et al., MICCAI ISIC 2024). Precision, recall and F1 are macro averages over the labels. "
-             f"Intervals: 95 % percentile bootstrap over the test images, {cfg.report.bootstrap} resamples "
+             f"Intervals: 95 % percentile bootstrap over the test images, {cfg.report.bootstrap:,} resamples "
              f"(report.bootstrap, seeded by report.bootstrap_seed {cfg.report.bootstrap_seed}).\n")]
     if main.record.map(lambda r: r["profile"] != "paper").any() or ablation.record.map(lambda r: r["profile"] != "paper").any():
         text.append("_Runs from the demo profile (a small stand-in study): the paper's numbers are shown for "
