@@ -425,6 +425,11 @@ def test_one_training_run_scores_several_test_sets(tmp_path):
         own = live[f"{record['test_name']}/loss"].loss.tolist()
         assert record["chosen_epoch"] == 1 + own.index(min(own))
     assert json.loads(outputs["flex_dark"].read_text())["n_test"] == 4
+    for record, path in zip((first, second), outputs.values()):  # each test image's prediction, beside its metrics
+        predictions = pd.read_csv(classify.predictions_path(path), dtype={"md5hash": str})
+        assert list(predictions.columns) == ["md5hash", "fitzpatrick_scale", "label", "predicted"]
+        assert len(predictions) == record["n_test"] and set(predictions.predicted) <= set(record["labels"])
+        assert 100 * (predictions.label == predictions.predicted).mean() == pytest.approx(record["accuracy_pct"])
     assert first["scenario"] == small_cfg().scenario  # no split.json: the params' scenario
 
 
@@ -489,7 +494,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_metrics(tmp_path, selectio
     assert live_bytes(tmp_path / "resumed_live") == live_bytes(tmp_path / "whole_live")  # the curve too
     for name, path in outputs("resumed").items():
         assert path.read_text() == outputs("whole")[name].read_text()
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["m_flex_dark.json", "m_test.json"]
+        predictions = classify.predictions_path(path)
+        assert predictions.read_text() == classify.predictions_path(outputs("whole")[name]).read_text()
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [
+        "m_flex_dark.json", "m_flex_dark.predictions.csv", "m_test.json", "m_test.predictions.csv"]
 
 
 def test_a_curve_row_logged_after_the_checkpoint_is_not_written_twice(tmp_path):
@@ -554,4 +562,4 @@ def test_two_runs_on_one_output_take_turns_and_write_what_one_writes(tmp_path):
     for run, log in zip(runs, logs):
         assert run.wait(timeout=300) == 0, log.read_text()
     assert json.loads(out.read_text()) == single
-    assert [p.name for p in out.parent.iterdir()] == ["m.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.predictions.csv"]

@@ -174,6 +174,8 @@ LABEL = "psoriasis"
      "224 for pretrained vit_b_16"),
     ({"classify.pretrained": True, "ablation.arch": "vit_b_16"}, "classify.crop_size", "224 for pretrained vit_b_16"),
     ({"report.seed": 7}, "report.seed", "one of splits.seeds [0, 42]"),
+    ({"report.bootstrap": 999}, "report.bootstrap", "an integer >= 1000"),
+    ({"report.bootstrap_seed": -1}, "report.bootstrap_seed", "an integer >= 0"),
     ({"generate.strength": 0.05}, "generate.strength", "at least 1 / generate.steps (1/10)"),
     ({"generate.max_per_label": -1}, "generate.max_per_label", "an integer >= 0"),
     ({"textual_inversion.log_every": 0}, "textual_inversion.log_every", "an integer >= 1"),
@@ -221,6 +223,8 @@ def test_the_headline_message(raw):
     ("model.device", "cuda:12"),
     ("launch.main_process_port", 0),  # a free port
     ("launch.main_process_port", 65535),
+    ("report.bootstrap", 1000),
+    ("report.bootstrap_seed", 0),
 ])
 def test_values_at_the_edge_of_their_range_are_accepted(raw, dotted, value):
     changed = copy.deepcopy(raw)

@@ -1,6 +1,7 @@
 """Classifiers on real, synthetic or real+synthetic images, scored on a test split (SPEC §5).
 
-One call trains one classifier and writes its test metrics as JSON:
+One call trains one classifier and writes its test metrics as JSON, and beside it each test
+image's predicted label ({stem}.predictions.csv, for the report's bootstrap intervals):
 
     skinaug classify data/splits/scenario1/seed0 data/images metrics/scenario1/seed0/vgg16_real_syn.json \
         --syn-dir data/syn/scenario1/seed0 --arch vgg16 --train-type real_syn --seed 0
@@ -547,6 +548,13 @@ def reference_epoch(curve: list[dict], key: str) -> int:
 
 # --- metrics -------------------------------------------------------------------------------
 
+def predictions_path(out_json: Path) -> Path:
+    """Where a metrics file's per-image predictions go: beside it, {stem}.predictions.csv
+    (md5hash, fitzpatrick_scale, label, predicted), the report's bootstrap draws from them. The
+    record does not name it, so a record stays the same wherever it is written."""
+    return Path(out_json).with_suffix(".predictions.csv")
+
+
 def score(y_true, y_pred, labels: list[str], fitzpatrick_scale) -> dict:
     """Test metrics in percent; precision, recall and F1 are macro averages over all labels."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -611,6 +619,9 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
         records = []
         for test_name, out_json in outputs.items():
             test = tests[test_name]
+            predictions = test.table[["md5hash", "fitzpatrick_scale", "label"]].assign(
+                predicted=[labels[i] for i in preds[test_name].tolist()])
+            atomic.write_csv(predictions_path(out_json), predictions)  # before the JSON, which marks the run done
             record = {
                 "scenario": scenario, "seed": seed, "arch": arch, "train_type": train_type, "test_name": test_name,
                 "selection": {"rule": ccfg.selection, "label": SELECTION_LABELS[ccfg.selection],

@@ -165,6 +165,8 @@ class AblationConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     seed: int  # the study seed whose images the tone check and the report's figures show
+    bootstrap: int  # resamples of the test images behind every 95 % interval
+    bootstrap_seed: int  # seeds those resamples (its own key: report.seed picks the images shown)
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,9 @@ RULES: dict[str, Rule] = {
     "ablation.seeds": _each(_SEED),
     "ablation.sources_per_label": _int(0),
     "report.seed": _SEED,
+    # a 95 % percentile interval rests on its 2.5 % tails: at 1,000 resamples, 25 draws each
+    "report.bootstrap": _int(1000),
+    "report.bootstrap_seed": _SEED,
     "launch.processes": _int(1),
     "launch.num_machines": _int(1),
     "launch.main_process_ip": _TEXT,
