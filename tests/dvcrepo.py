@@ -36,7 +36,7 @@ OVERRIDES = [
     "classify.epochs=1",
     "ablation.seeds=[0]", "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
 ]
-OUTPUT_DIRS = ("data", "models", "metrics", "reports")
+OUTPUT_DIRS = ("data", "models", "metrics", "reports", "dvclive")
 
 
 def env(home: Path) -> dict:

@@ -43,6 +43,16 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
 
 
+def read_live(live_dir: Path) -> dict[str, pd.DataFrame]:
+    """A DVCLive folder's curves: metric name (train/loss, val/accuracy_pct, ...) -> its TSV (step, value)."""
+    metrics = Path(live_dir) / "plots" / "metrics"
+    return {str(p.relative_to(metrics).with_suffix("")): pd.read_csv(p, sep="\t") for p in sorted(metrics.rglob("*.tsv"))}
+
+
+def live_bytes(live_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(live_dir)): p.read_bytes() for p in sorted(Path(live_dir).rglob("*")) if p.is_file()}
+
+
 def small_cfg(**classify_changes) -> config.Config:
     """The real params.yaml with a classifier small enough for a test."""
     cfg = config.load(ROOT / "params.yaml")
@@ -322,7 +332,11 @@ def test_reference_rule_chooses_an_epoch_for_each_test_set(monkeypatch):
     assert chosen == {"flex_light": 12, "flex_dark": 14}  # epochs 1-10 are lower still, but too early
     assert preds["flex_light"].tolist() == [12] * 3 and preds["flex_dark"].tolist() == [14] * 3
     assert [r["test_loss_flex_dark"] for r in curve] == losses["flex_dark"]
-    assert [r["test_loss"] for r in classify.curve_for(curve, "flex_dark")] == losses["flex_dark"]
+    assert [r["test_accuracy_pct_flex_dark"] for r in curve] == [0.0] * 14  # predictions name the epoch, targets 0
+    assert classify.live_values(curve[0]) == {"train/lr": curve[0]["lr"], "train/loss": 0.0,
+                                              "train/accuracy_pct": 0.0, "flex_light/loss": 0.1,
+                                              "flex_light/accuracy_pct": 0.0, "flex_dark/loss": 0.1,
+                                              "flex_dark/accuracy_pct": 0.0}
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -349,15 +363,22 @@ def test_run_end_to_end_with_validation_selection(tmp_path):
     study = write_study(tmp_path)
     out = tmp_path / "metrics" / "resnet18_real_syn.json"
     (record,) = classify.run(study["split_dir"], study["images_dir"], study["syn_dir"], {"test": out}, "resnet18",
-                             "real_syn", small_cfg(selection="val", val_fraction=0.25), seed=0)
+                             "real_syn", small_cfg(selection="val", val_fraction=0.25), seed=0,
+                             live_dir=tmp_path / "live")
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     assert record["n_val"] == 7 and record["n_train"] == {"real": 21, "syn": 21, "total": 42}
     assert record["selection"]["rule"] == "val" and record["selection"]["honest"]
-    assert [r["epoch"] for r in record["curve"]] == [1, 2] and all("val_loss" in r for r in record["curve"])
-    assert [r["lr"] for r in record["curve"]] == pytest.approx([1e-3, 1e-4])  # demo params: lr_step end
-    assert "test_loss" not in record["curve"][0]  # an honest rule never looks at the test set
-    best = min(record["curve"], key=lambda r: r["val_loss"])["epoch"]
-    assert record["chosen_epoch"] == best
+    assert "curve" not in record  # the curve is DVCLive's
+    live = read_live(tmp_path / "live")
+    # an honest rule never looks at the test set: no test curve
+    assert sorted(live) == ["train/accuracy_pct", "train/loss", "train/lr", "val/accuracy_pct", "val/loss"]
+    assert all(curve.step.tolist() == [1, 2] for curve in live.values())
+    assert live["train/lr"].lr.tolist() == pytest.approx([1e-3, 1e-4])  # demo params: lr_step end
+    val = live["val/loss"]
+    assert record["chosen_epoch"] == val.step[val.loss.idxmin()]
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["step"] == 2 and summary["val"]["loss"] == val.loss.iloc[-1]
+    assert sorted(p.name for p in (tmp_path / "live").iterdir()) == ["metrics.json", "plots"]  # no dvc.yaml, no report
     assert sum(map(sum, record["confusion_matrix"])) == record["n_test"] == 14
     assert set(record["accuracy_pct_by_fitzpatrick_scale"]) == {"5", "6"}
     assert 0 <= record["accuracy_pct"] <= 100
@@ -370,19 +391,23 @@ def test_cli_runs_the_reference_rule_and_labels_it(tmp_path):
     params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     out = tmp_path / "m.json"
     args = ["--params", str(params), "classify", str(study["split_dir"]), str(study["images_dir"]), str(out),
-            "--syn-dir", str(study["syn_dir"]), "--arch", "resnet18", "--train-type", "syn", "--seed", "1"]
+            "--syn-dir", str(study["syn_dir"]), "--arch", "resnet18", "--train-type", "syn", "--seed", "1",
+            "--live-dir", str(tmp_path / "live")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["selection"]["rule"] == "test_reference" and not record["selection"]["honest"]
     assert "TEST" in record["selection"]["label"] and "test_reference" in result.output
     assert record["n_train"] == {"real": 0, "syn": 28, "total": 28}
-    assert all("test_loss" in r for r in record["curve"])
-    assert [r["lr"] for r in record["curve"]] == pytest.approx([1e-4, 1e-5])  # stepped before each epoch
-    assert record["chosen_epoch"] == min(record["curve"], key=lambda r: r["test_loss"])["epoch"]
-    first = record["curve"]
+    live = read_live(tmp_path / "live")
+    assert live["test/loss"].step.tolist() == [1, 2] and "test/accuracy_pct" in live
+    assert live["train/lr"].lr.tolist() == pytest.approx([1e-4, 1e-5])  # stepped before each epoch
+    test = live["test/loss"]
+    assert record["chosen_epoch"] == test.step[test.loss.idxmin()]
+    first, first_live = out.read_bytes(), live_bytes(tmp_path / "live")
     assert CliRunner().invoke(main, args).exit_code == 0
-    assert json.loads(out.read_text())["curve"] == first  # seeded: a rerun trains the same model
+    # seeded: a rerun trains the same model and writes the same bytes (no timestamp in the curve)
+    assert out.read_bytes() == first and live_bytes(tmp_path / "live") == first_live
 
 
 def test_one_training_run_scores_several_test_sets(tmp_path):
@@ -391,15 +416,20 @@ def test_one_training_run_scores_several_test_sets(tmp_path):
     test.head(4).to_csv(study["split_dir"] / "flex_dark.csv", index=False)
     outputs = {"test": tmp_path / "m_test.json", "flex_dark": tmp_path / "m_flex_dark.json"}
     first, second = classify.run(study["split_dir"], study["images_dir"], None, outputs, "resnet18", "real",
-                                 small_cfg(selection="test_reference", epochs=3), seed=0)
+                                 small_cfg(selection="test_reference", epochs=3), seed=0, live_dir=tmp_path / "live")
     assert (first["test_name"], second["test_name"]) == ("test", "flex_dark")
     assert (first["n_test"], second["n_test"]) == (len(test), 4)
-    for record in (first, second):  # one training curve; each record's test_loss and epoch are its own set's
-        own = [r[f"test_loss_{record['test_name']}"] for r in record["curve"]]
-        assert [r["test_loss"] for r in record["curve"]] == own
+    live = read_live(tmp_path / "live")  # one training curve, with each test set's loss and accuracy
+    assert {"train/loss", "test/loss", "test/accuracy_pct", "flex_dark/loss", "flex_dark/accuracy_pct"} <= set(live)
+    for record in (first, second):  # each record's epoch is chosen by its own set's loss
+        own = live[f"{record['test_name']}/loss"].loss.tolist()
         assert record["chosen_epoch"] == 1 + own.index(min(own))
-    assert [r["loss"] for r in first["curve"]] == [r["loss"] for r in second["curve"]]
     assert json.loads(outputs["flex_dark"].read_text())["n_test"] == 4
+    for record, path in zip((first, second), outputs.values()):  # each test image's prediction, beside its metrics
+        predictions = pd.read_csv(classify.predictions_path(path), dtype={"md5hash": str})
+        assert list(predictions.columns) == ["md5hash", "fitzpatrick_scale", "label", "predicted"]
+        assert len(predictions) == record["n_test"] and set(predictions.predicted) <= set(record["labels"])
+        assert 100 * (predictions.label == predictions.predicted).mean() == pytest.approx(record["accuracy_pct"])
     assert first["scenario"] == small_cfg().scenario  # no split.json: the params' scenario
 
 
@@ -449,19 +479,44 @@ def test_interrupted_run_resumes_to_the_uninterrupted_metrics(tmp_path, selectio
     def outputs(name):
         return {"test": tmp_path / name / "m_test.json", "flex_dark": tmp_path / name / "m_flex_dark.json"}
 
-    whole = classify.run(*args, outputs("whole"), "resnet18", "real_syn", cfg, seed=0)
+    whole = classify.run(*args, outputs("whole"), "resnet18", "real_syn", cfg, seed=0, live_dir=tmp_path / "whole_live")
     with pytest.raises(_Stop):
-        classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=_stop_after(2))
+        classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=_stop_after(2),
+                     live_dir=tmp_path / "resumed_live")
     work = tmp_path / "resumed" / ".m_test.json.partial"
     assert (work / "checkpoint.pt").is_file()
     assert not any(path.exists() for path in outputs("resumed").values())
     epochs = []
-    resumed = classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=epochs.append)
+    resumed = classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=epochs.append,
+                           live_dir=tmp_path / "resumed_live")
     assert epochs == [3]
     assert resumed == whole
+    assert live_bytes(tmp_path / "resumed_live") == live_bytes(tmp_path / "whole_live")  # the curve too
     for name, path in outputs("resumed").items():
         assert path.read_text() == outputs("whole")[name].read_text()
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["m_flex_dark.json", "m_test.json"]
+        predictions = classify.predictions_path(path)
+        assert predictions.read_text() == classify.predictions_path(outputs("whole")[name]).read_text()
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [
+        "m_flex_dark.json", "m_flex_dark.predictions.csv", "m_test.json", "m_test.predictions.csv"]
+
+
+def test_a_curve_row_logged_after_the_checkpoint_is_not_written_twice(tmp_path):
+    """Killed after the last epoch's row reached DVCLive but before the metrics were written, a
+    rerun resumes from epoch 2's checkpoint: its curve has each epoch once, as an uninterrupted run's."""
+    study = write_study(tmp_path)
+    args = (study["split_dir"], study["images_dir"], None)
+    cfg = small_cfg(epochs=3)
+    classify.run(*args, {"test": tmp_path / "whole.json"}, "resnet18", "real", cfg, seed=0, live_dir=tmp_path / "a")
+    with pytest.raises(_Stop):
+        classify.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0,
+                     on_epoch=_stop_after(3), live_dir=tmp_path / "b")
+    assert read_live(tmp_path / "b")["train/loss"].step.tolist() == [1, 2, 3]  # the killed run's last row
+    epochs = []
+    classify.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0, on_epoch=epochs.append,
+                 live_dir=tmp_path / "b")
+    assert epochs == [3]
+    assert read_live(tmp_path / "b")["train/loss"].step.tolist() == [1, 2, 3]
+    assert live_bytes(tmp_path / "b") == live_bytes(tmp_path / "a")
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
@@ -507,4 +562,4 @@ def test_two_runs_on_one_output_take_turns_and_write_what_one_writes(tmp_path):
     for run, log in zip(runs, logs):
         assert run.wait(timeout=300) == 0, log.read_text()
     assert json.loads(out.read_text()) == single
-    assert [p.name for p in out.parent.iterdir()] == ["m.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.predictions.csv"]

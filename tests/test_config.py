@@ -147,7 +147,17 @@ LABEL = "psoriasis"
     ({"ablation.arch": "alexnet"}, "ablation.arch", "one of vgg16, resnet18, vit_b_16"),
     ({"generate.strategy": "img2img_magic"}, "generate.strategy", "one of img2img_ti_lora, "),
     ({"ablation.strategies": ["img2img_ti", "img2img_magic"]}, "ablation.strategies", "each one of img2img_ti_lora"),
-    ({"model.device": "gpu"}, "model.device", "one of auto, cpu, cuda"),
+    ({"model.device": "gpu"}, "model.device", "one of auto, cpu, cuda or cuda:K"),
+    ({"model.device": "cuda:x"}, "model.device", "one of auto, cpu, cuda or cuda:K"),
+    ({"model.device": "cuda:-1"}, "model.device", "one of auto, cpu, cuda or cuda:K"),
+    ({"launch.processes": 0}, "launch.processes", "an integer >= 1"),
+    ({"launch.main_process_port": 70000}, "launch.main_process_port", "an integer in [0, 65535]"),
+    ({"launch.processes": 3, "launch.num_machines": 2, "launch.main_process_ip": "10.0.0.1",
+      "launch.main_process_port": 29500}, "launch.processes", "a multiple of launch.num_machines (2)"),
+    ({"launch.processes": 4, "launch.num_machines": 2, "launch.main_process_port": 29500},
+     "launch.main_process_ip", "the address of machine rank 0"),
+    ({"launch.processes": 4, "launch.num_machines": 2, "launch.main_process_ip": "10.0.0.1"},
+     "launch.main_process_port", "a fixed port (not 0)"),
     ({"model.mixed_precision": "fp8"}, "model.mixed_precision", "one of no, fp16, bf16"),
     ({"classify.selection": "best"}, "classify.selection", "one of last, val, test_reference"),
     ({"lora.targets": []}, "lora.targets", "a non-empty list"),
@@ -164,7 +174,12 @@ LABEL = "psoriasis"
      "224 for pretrained vit_b_16"),
     ({"classify.pretrained": True, "ablation.arch": "vit_b_16"}, "classify.crop_size", "224 for pretrained vit_b_16"),
     ({"report.seed": 7}, "report.seed", "one of splits.seeds [0, 42]"),
+    ({"report.bootstrap": 999}, "report.bootstrap", "an integer >= 1000"),
+    ({"report.bootstrap_seed": -1}, "report.bootstrap_seed", "an integer >= 0"),
     ({"generate.strength": 0.05}, "generate.strength", "at least 1 / generate.steps (1/10)"),
+    ({"generate.max_per_label": -1}, "generate.max_per_label", "an integer >= 0"),
+    ({"textual_inversion.log_every": 0}, "textual_inversion.log_every", "an integer >= 1"),
+    ({"lora.log_every": 0}, "lora.log_every", "an integer >= 1"),
 ])
 def test_a_value_out_of_range_is_refused_naming_key_value_and_what_is_allowed(raw, changes, key, allowed):
     changed = copy.deepcopy(raw)
@@ -191,6 +206,8 @@ def test_the_headline_message(raw):
     ("lora.checkpoint_every", 0),
     ("textual_inversion.tokens_per_pass", 0),  # all
     ("ablation.sources_per_label", 0),  # all
+    ("generate.max_per_label", 0),  # no cap
+    ("textual_inversion.log_every", 1),  # every update
     ("model.tiny_vae_steps", 0),  # random weights
     ("model.tiny_unet_steps", 0),
     ("lora.max_grad_norm", 0.0),  # no clip
@@ -202,6 +219,12 @@ def test_the_headline_message(raw):
     ("generate.guidance", 1.0),
     ("classify.crop_size", 36),  # = image_size
     ("data.metadata_md5", "75556ecbd0bd6227050112565c24b991"),
+    ("model.device", "cuda:0"),  # one card; whether it exists is checked where torch is (diffusion.pick_device)
+    ("model.device", "cuda:12"),
+    ("launch.main_process_port", 0),  # a free port
+    ("launch.main_process_port", 65535),
+    ("report.bootstrap", 1000),
+    ("report.bootstrap_seed", 0),
 ])
 def test_values_at_the_edge_of_their_range_are_accepted(raw, dotted, value):
     changed = copy.deepcopy(raw)

@@ -49,27 +49,66 @@ def cfg(repo_cfg):
         subset=dataclasses.replace(repo_cfg.subset, labels=LABELS),
         model=dataclasses.replace(repo_cfg.model, resolution=16, mixed_precision="no", device="cpu"),
         textual_inversion=dataclasses.replace(repo_cfg.textual_inversion, steps=3, batch_size=1, grad_accum=2,
-                                              lr=5.0e-3, scale_lr=False),
-        lora=dataclasses.replace(repo_cfg.lora, steps=3, batch_size=2, lr=1.0e-3),
+                                              lr=5.0e-3, scale_lr=False, log_every=2),
+        lora=dataclasses.replace(repo_cfg.lora, steps=3, batch_size=2, lr=1.0e-3, log_every=2),
     )
 
 
 @pytest.fixture(scope="module")
 def ti_run(split, tiny_base, cfg, tmp_path_factory):
-    """One joint run of the three tokens; records the whole embedding matrix after every update."""
+    """One joint run of the tokens; records the whole embedding matrix and the losses after every
+    update; its DVCLive curve is in out's sibling folder live/."""
     out = tmp_path_factory.mktemp("ti") / "ti"
-    matrices = []
-    finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7,
-                                     on_step=lambda s, l, te: matrices.append(
-                                         te.get_input_embeddings().weight.detach().clone()))
+    matrices, losses = [], []
+
+    def record(step, step_losses, text_encoder):
+        matrices.append(text_encoder.get_input_embeddings().weight.detach().clone())
+        losses.append(step_losses)
+
+    finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7, on_step=record, live_dir=out.parent / "live")
+    ti_losses[out] = losses
     return out, matrices
 
 
 @pytest.fixture(scope="module")
 def lora_run(split, tiny_base, cfg, ti_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "lora"
-    finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7)
+    finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7, live_dir=out.parent / "live")
     return out
+
+
+ti_losses = {}  # ti_run's per-update losses, by its output folder
+
+
+def read_live(live_dir: Path) -> dict[str, pd.DataFrame]:
+    metrics = Path(live_dir) / "plots" / "metrics"
+    return {str(p.relative_to(metrics).with_suffix("")): pd.read_csv(p, sep="\t") for p in sorted(metrics.rglob("*.tsv"))}
+
+
+def live_bytes(live_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(live_dir)): p.read_bytes() for p in sorted(Path(live_dir).rglob("*")) if p.is_file()}
+
+
+def test_ti_logs_each_token_s_mean_loss_every_log_every_updates_and_the_last(ti_run, cfg):
+    out = ti_run[0]
+    live = read_live(out.parent / "live")
+    tokens = [prompts.token(label).strip("<>") for label in LABELS]
+    assert sorted(live) == sorted(f"loss/{t}" for t in tokens)
+    losses = ti_losses[out]  # 3 updates, log_every 2: rows at 2 (mean of 1-2) and 3 (the last, alone)
+    for label, token in zip(LABELS, tokens):
+        curve = live[f"loss/{token}"]
+        assert curve.step.tolist() == [2, 3]
+        expected = [np.mean([losses[0][label], losses[1][label]]), losses[2][label]]
+        assert curve[token].tolist() == pytest.approx(expected, rel=1e-12)
+    summary = json.loads((out.parent / "live" / "metrics.json").read_text())
+    assert summary["step"] == 3 and set(summary["loss"]) == set(tokens)
+    assert sorted(p.name for p in (out.parent / "live").iterdir()) == ["metrics.json", "plots"]
+
+
+def test_lora_logs_its_loss_curve(lora_run):
+    live = read_live(lora_run.parent / "live")
+    assert list(live) == ["loss/joint"] and live["loss/joint"].step.tolist() == [2, 3]
+    assert np.isfinite(live["loss/joint"].joint).all()
 
 
 def _vectors(ti_dir):
@@ -194,11 +233,14 @@ def test_per_label_lora_without_tokens_writes_one_lora_per_label(split, tiny_bas
 
     with pytest.raises(_Stop):
         finetune.train_lora(*split, tiny_base, None, tmp_path / "lora", per_label, seed=0, checkpoint_every=1,
-                            on_step=stop_in_the_second_lora)
+                            on_step=stop_in_the_second_lora, live_dir=tmp_path / "live")
     calls.clear()
     finetune.train_lora(*split, tiny_base, None, tmp_path / "lora", per_label, seed=0,
-                        on_step=lambda step, *_: calls.append(step))
+                        on_step=lambda step, *_: calls.append(step), live_dir=tmp_path / "live")
     assert calls == [2]  # the first LoRA was done, the second resumed after its first update
+    live = read_live(tmp_path / "live")  # each LoRA's curve once: the finished one's replayed from the checkpoint
+    assert sorted(live) == sorted(f"loss/{prompts.token(label).strip('<>')}" for label in LABELS)
+    assert all(curve.step.tolist() == [2] for curve in live.values())
     files = finetune.lora_files(tmp_path / "lora")
     assert set(files) == set(LABELS)
     for label, file in files.items():
@@ -228,24 +270,28 @@ def _stop_at(step):
 
 def test_interrupted_ti_resumes_to_the_uninterrupted_result(ti_run, split, tiny_base, cfg, tmp_path):
     out = tmp_path / "ti"
-    with pytest.raises(_Stop):
+    with pytest.raises(_Stop):  # after the last update's loss row reached DVCLive; the checkpoint is update 2's
         finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7, checkpoint_every=1,
-                                         on_step=_stop_at(2))
+                                         on_step=_stop_at(3), live_dir=tmp_path / "live")
     assert not out.exists() and (tmp_path / ".ti.partial" / "checkpoint.pt").is_file()
     steps = []
-    finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7, on_step=lambda s, *_: steps.append(s))
+    finetune.train_textual_inversion(*split, tiny_base, out, cfg, seed=7, on_step=lambda s, *_: steps.append(s),
+                                     live_dir=tmp_path / "live")
     assert steps == [3]  # only the last update was left
     resumed, whole = _vectors(out), _vectors(ti_run[0])
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], atol=0, rtol=0)
+    assert live_bytes(tmp_path / "live") == live_bytes(ti_run[0].parent / "live")  # no row lost or repeated
 
 
 def test_interrupted_lora_resumes_to_the_uninterrupted_result(lora_run, ti_run, split, tiny_base, cfg, tmp_path):
     out = tmp_path / "lora"
     with pytest.raises(_Stop):
-        finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7, checkpoint_every=1, on_step=_stop_at(2))
+        finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7, checkpoint_every=1, on_step=_stop_at(2),
+                            live_dir=tmp_path / "live")
     assert not out.exists()
-    finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7)
+    finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7, live_dir=tmp_path / "live")
+    assert live_bytes(tmp_path / "live") == live_bytes(lora_run.parent / "live")
     resumed, whole = load_file(out / finetune.LORA_FILE), load_file(lora_run / finetune.LORA_FILE)
     assert resumed.keys() == whole.keys()
     for key in whole:

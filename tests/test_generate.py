@@ -158,6 +158,24 @@ def test_ablation_plan_keeps_the_first_sources_of_each_label(tmp_path, cfg):
     assert len(merged) == len(small) and (merged.seed == merged.seed_full).all()
 
 
+@pytest.mark.parametrize("cap", [3, 8])
+def test_max_per_label_caps_each_label_spreading_over_sources(tmp_path, cfg, cap):
+    rows = [(f"{i:032x}", LABELS[i % 7], (1, 2, 5, 6)[i % 4]) for i in range(40)]  # 5 or 6 sources per label
+    pd.DataFrame(rows, columns=["md5hash", "label", "fitzpatrick_scale"]).to_csv(tmp_path / "t.csv", index=False)
+    c = config.replace(cfg, generate=config.replace(cfg.generate, per_source=2))
+    full = G.make_plan(tmp_path / "t.csv", c, 0, "img2img_ti_lora")
+    capped = G.make_plan(tmp_path / "t.csv", config.replace(c, generate=config.replace(c.generate, max_per_label=cap)),
+                         0, "img2img_ti_lora")
+    sizes = full.groupby("label").size()
+    assert capped.groupby("label").size().to_dict() == sizes.clip(upper=cap).to_dict()
+    if cap < sizes.min() / 2:  # fewer than one image per source: each kept image has a source of its own
+        assert capped.source_md5hash.is_unique and capped.file.str.endswith("_0.png").all()
+    else:  # every source's first image, then second images
+        assert set(full.source_md5hash) == set(capped.source_md5hash)
+    kept = full[full.file.isin(capped.file)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(capped, kept)  # same rows (seeds, targets, prompts), plan order kept
+
+
 # --- determinism, batching, pairing ----------------------------------------------------------------
 
 

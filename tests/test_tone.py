@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage.color import lab2rgb
 
 from skinaug import tone
@@ -65,3 +66,5 @@ def test_report_keeps_synthetic_images_of_light_and_dark_sources_apart(tmp_path)
     assert set(rows.index) == set(tone.GROUPS)
     assert rows.loc["synthetic from light", "n"] == 1 and rows.loc["synthetic from light", "ita_median"] < -30
     assert (tmp_path / "out" / "tone.png").stat().st_size > 0
+    with Image.open(tmp_path / "out" / "tone.png") as im:  # shown 1:1 in a markdown page (about 880 px wide)
+        assert im.size[0] <= 880

@@ -1,6 +1,7 @@
 """Classifiers on real, synthetic or real+synthetic images, scored on a test split (SPEC §5).
 
-One call trains one classifier and writes its test metrics as JSON:
+One call trains one classifier and writes its test metrics as JSON, and beside it each test
+image's predicted label ({stem}.predictions.csv, for the report's bootstrap intervals):
 
     skinaug classify data/splits/scenario1/seed0 data/images metrics/scenario1/seed0/vgg16_real_syn.json \
         --syn-dir data/syn/scenario1/seed0 --arch vgg16 --train-type real_syn --seed 0
@@ -30,6 +31,8 @@ say so wherever they go.
 Killed mid-training, a classifier continues from its last finished epoch (resume.Work, a hidden
 folder beside the metrics file) and writes exactly the metrics an uninterrupted run writes; the
 metrics hold no timing (the command prints it), so they are a pure function of the inputs.
+The training curve goes to a DVCLive folder (--live-dir; skinaug.live), one row per epoch, and
+a resumed run replays its checkpoint's rows there: it too equals an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic, data, diffusion, resume, splits
+from skinaug import SkinaugError, atomic, data, diffusion, live, resume, splits
 from skinaug.config import ARCHS, SELECTIONS, Config
 
 TRAIN_TYPES = ("real", "syn", "real_syn")
@@ -427,12 +430,15 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int, crop_size: int) 
 
 
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: dict[str, ImageSet], cfg: Config,
-        seed: int, desc: str = "train", work: resume.Work | None = None, on_epoch=None
-        ) -> tuple[list[dict], dict[str, int], dict[str, torch.Tensor]]:
+        seed: int, desc: str = "train", work: resume.Work | None = None, on_epoch=None,
+        curve: live.Curve | None = None) -> tuple[list[dict], dict[str, int], dict[str, torch.Tensor]]:
     """Train for classify.epochs; return the curve and, per test set, the chosen epoch and its predictions.
 
-    Curve rows hold val_loss under the "val" rule, and test_loss_{name} for each test set under
-    "test_reference", which chooses an epoch for each test set by that set's own loss.
+    Curve rows hold val_loss and val_accuracy_pct under the "val" rule, and test_loss_{name} and
+    test_accuracy_pct_{name} for each test set under "test_reference", which chooses an epoch for
+    each test set by that set's own loss (the honest rules never look at a test set before the end).
+    curve: each row goes to DVCLive as it is made (live_values); a resumed run replays the rows
+    of its checkpoint first.
     work: after every epoch but the last, everything the remaining epochs need (learned weights,
     optimizer, sampler and dropout random states, the selection's bookkeeping) is saved there, and
     a run given a work holding such a checkpoint continues from it exactly as if never stopped.
@@ -445,6 +451,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: dict[str
     progress = _Progress(chosen=ccfg.epochs)
     if work is not None and work.state is not None:
         progress = _restore(work.state, model, optimizer, generator)
+    for row in progress.curve if curve is not None else []:
+        curve.log(row["epoch"], live_values(row))
     schedule = list(enumerate(lr_schedule(ccfg.lr, ccfg.epochs, ccfg.lr_step), 1))
     bar = tqdm(schedule[progress.epoch:], desc=desc, unit="epoch", initial=progress.epoch, total=len(schedule))
     for epoch, lr in bar:
@@ -460,23 +468,44 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: dict[str
                 progress.chosen, progress.best_val_loss, progress.best_state = epoch, row["val_loss"], _learned(model)
         if ccfg.selection == "test_reference":
             for name, test in tests.items():
-                row[f"test_loss_{name}"], progress.test_preds.setdefault(name, {})[epoch] = evaluate(
-                    model, test, ccfg.batch_size, ccfg.crop_size)
+                row[f"test_loss_{name}"], preds = evaluate(model, test, ccfg.batch_size, ccfg.crop_size)
+                row[f"test_accuracy_pct_{name}"] = 100 * (preds == test.targets.cpu()).float().mean().item()
+                progress.test_preds.setdefault(name, {})[epoch] = preds
         progress.curve.append(row)
         progress.epoch = epoch
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "epoch"})
         if work is not None and epoch < len(schedule):  # the last epoch's state goes straight into the results
             work.save(_checkpoint(progress, model, optimizer, generator))
+        if curve is not None:
+            curve.log(epoch, live_values(row))
         if on_epoch is not None:
             on_epoch(epoch)
-    curve = progress.curve
+    rows = progress.curve
     if ccfg.selection == "test_reference":
-        per_set = {name: reference_epoch(curve, f"test_loss_{name}") for name in tests}
-        return curve, per_set, {name: progress.test_preds[name][epoch] for name, epoch in per_set.items()}
+        per_set = {name: reference_epoch(rows, f"test_loss_{name}") for name in tests}
+        return rows, per_set, {name: progress.test_preds[name][epoch] for name, epoch in per_set.items()}
     if progress.best_state is not None:
         model.load_state_dict({**model.state_dict(), **progress.best_state})
     preds = {name: evaluate(model, test, ccfg.batch_size, ccfg.crop_size)[1] for name, test in tests.items()}
-    return curve, dict.fromkeys(tests, progress.chosen), preds
+    return rows, dict.fromkeys(tests, progress.chosen), preds
+
+
+def live_values(row: dict) -> dict[str, float]:
+    """A curve row under DVCLive's names: train/loss, train/accuracy_pct, train/lr, val/..., {test set}/...
+
+    Each name is one TSV (plots/metrics/{name}.tsv) and one plot in `dvc plots show`."""
+    values = {}
+    for key, value in row.items():
+        if key in _LIVE_NAMES:
+            values[_LIVE_NAMES[key]] = value
+        for prefix, measure in (("test_loss_", "loss"), ("test_accuracy_pct_", "accuracy_pct")):
+            if key.startswith(prefix):
+                values[f"{key.removeprefix(prefix)}/{measure}"] = value
+    return values
+
+
+_LIVE_NAMES = {"loss": "train/loss", "accuracy_pct": "train/accuracy_pct", "lr": "train/lr",
+               "val_loss": "val/loss", "val_accuracy_pct": "val/accuracy_pct"}
 
 
 @dataclass
@@ -527,13 +556,14 @@ def reference_epoch(curve: list[dict], key: str) -> int:
     return min(eligible, key=lambda r: r[key])["epoch"]
 
 
-def curve_for(curve: list[dict], test_name: str) -> list[dict]:
-    """The curve as one test set's record holds it: test_loss is that set's loss, where computed."""
-    key = f"test_loss_{test_name}"
-    return [{**row, "test_loss": row[key]} if key in row else row for row in curve]
-
-
 # --- metrics -------------------------------------------------------------------------------
+
+def predictions_path(out_json: Path) -> Path:
+    """Where a metrics file's per-image predictions go: beside it, {stem}.predictions.csv
+    (md5hash, fitzpatrick_scale, label, predicted), the report's bootstrap draws from them. The
+    record does not name it, so a record stays the same wherever it is written."""
+    return Path(out_json).with_suffix(".predictions.csv")
+
 
 def score(y_true, y_pred, labels: list[str], fitzpatrick_scale) -> dict:
     """Test metrics in percent; precision, recall and F1 are macro averages over all labels."""
@@ -559,14 +589,17 @@ def score(y_true, y_pred, labels: list[str], fitzpatrick_scale) -> dict:
 # --- wiring --------------------------------------------------------------------------------
 
 def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[str, Path], arch: str,
-        train_type: str, cfg: Config, seed: int, on_epoch=None, keep: Path | None = None) -> list[dict]:
+        train_type: str, cfg: Config, seed: int, on_epoch=None, keep: Path | None = None,
+        live_dir: Path | None = None) -> list[dict]:
     """Train one classifier on split_dir/train.csv (+ synthetic images), test it on each
     {test_name}.csv of `outputs` (test name -> metrics JSON path), write and return the metrics.
     keep: the select stage's kept.csv; only the synthetic images it lists are trained on.
 
     An interrupted run continues from its last finished epoch (resume.Work beside the first
     metrics file, kept until the metrics are written) and gives the metrics an uninterrupted one
-    gives; a second run on the same outputs waits for the first.
+    gives; a second run on the same outputs waits for the first. live_dir: the training curve
+    (train loss, accuracy and learning rate, and validation or test loss and accuracy where the
+    selection rule computes them) as a DVCLive folder, one row per epoch.
     """
     ccfg, labels = cfg.classify, list(cfg.subset.labels)
     train_rows = read_split(split_dir, "train")
@@ -584,19 +617,24 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     val = None if val_items is None else load_set(val_items, labels, ccfg.image_size, device)
     tests = {name: load_set(real_items(rows, images_dir), labels, ccfg.image_size, device)
              for name, rows in tests_rows.items()}
-    fingerprint = {"arch": arch, "train_type": train_type, "seed": seed, "labels": labels, "device": str(device),
+    fingerprint = {"arch": arch, "train_type": train_type, "seed": seed, "labels": labels,
+                   "device": device.type,  # a checkpoint made on another card resumes; one made on the CPU does not
                    "settings": dataclasses.asdict(ccfg),
                    "splits": {name: atomic.file_hash(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
                    "manifest": None if manifest is None else atomic.file_hash(Path(syn_dir) / "manifest.csv"),
                    "keep": None if keep is None or manifest is None else atomic.file_hash(keep)}
-    with resume.Work(next(iter(outputs.values())), fingerprint) as work:  # waits while another run writes it
-        curve, chosen, preds = fit(model, train, val, tests, cfg, seed, desc=f"{arch} {train_type} seed {seed}",
-                                   work=work, on_epoch=on_epoch)
+    with (resume.Work(next(iter(outputs.values())), fingerprint) as work,  # waits while another run writes it
+          live.Curve(live_dir) as curve):
+        _, chosen, preds = fit(model, train, val, tests, cfg, seed, desc=f"{arch} {train_type} seed {seed}",
+                               work=work, on_epoch=on_epoch, curve=curve)
         kinds = train.table.kind.value_counts()
         scenario = splits.split_scenario(split_dir, cfg.scenario)
         records = []
         for test_name, out_json in outputs.items():
             test = tests[test_name]
+            predictions = test.table[["md5hash", "fitzpatrick_scale", "label"]].assign(
+                predicted=[labels[i] for i in preds[test_name].tolist()])
+            atomic.write_csv(predictions_path(out_json), predictions)  # before the JSON, which marks the run done
             record = {
                 "scenario": scenario, "seed": seed, "arch": arch, "train_type": train_type, "test_name": test_name,
                 "selection": {"rule": ccfg.selection, "label": SELECTION_LABELS[ccfg.selection],
@@ -607,8 +645,9 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
                             "total": len(train.targets)},
                 "n_val": 0 if val is None else len(val.targets),
                 **score(test.targets.cpu(), preds[test_name], labels, test.table.fitzpatrick_scale),
-                # no timing: a resumed run's metrics equal an uninterrupted one's (the CLI prints the time)
-                "curve": curve_for(curve, test_name), "device": str(device),
+                # no timing: a resumed run's metrics equal an uninterrupted one's (the CLI prints the time);
+                # the training curve is in live_dir (DVCLive)
+                "device": str(device),
             }
             atomic.write_json(out_json, record)
             records.append(record)

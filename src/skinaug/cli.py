@@ -6,6 +6,7 @@ Every command reads the settings once, through config.load.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def _cfg(ctx: click.Context) -> config.Config:
 
 def _seed_option(f):
     return click.option("--seed", type=int, required=True, help="Split seed of this study repeat.")(f)
+
+
+def _live_option(f):
+    return click.option("--live-dir", type=PathArg, default=None,
+                        help="Write the training curve here as it trains (a DVCLive folder; dvc.yaml names it).")(f)
 
 
 @main.command()
@@ -130,13 +136,18 @@ def base(ctx, out_dir: Path) -> None:
 @click.argument("base_dir", type=ExistingPath)
 @click.argument("out_dir", type=PathArg)
 @_seed_option
+@_live_option
 @click.pass_context
-def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, seed: int) -> None:
+def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, seed: int,
+                      live_dir: Path | None) -> None:
     """Learn one token per label on that label's training images (all seven in one job)."""
-    from skinaug import finetune
+    from skinaug import finetune, launch
 
     cfg = _cfg(ctx)
-    finetune.train_textual_inversion(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed)
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
+    finetune.train_textual_inversion(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
+                                     live_dir=live_dir)
 
 
 @main.command()
@@ -146,13 +157,17 @@ def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, ou
 @click.argument("out_dir", type=PathArg)
 @click.option("--ti-dir", type=ExistingPath, default=None, help="Learned tokens; omit for plain condition names.")
 @_seed_option
+@_live_option
 @click.pass_context
-def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, ti_dir: Path | None, seed: int) -> None:
+def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, ti_dir: Path | None, seed: int,
+         live_dir: Path | None) -> None:
     """Fine-tune the UNet with LoRA on prompts naming the learned tokens and the skin type."""
-    from skinaug import finetune
+    from skinaug import finetune, launch
 
     cfg = _cfg(ctx)
-    finetune.train_lora(split_dir / "train.csv", images_dir, base_dir, ti_dir, out_dir, cfg, seed)
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
+    finetune.train_lora(split_dir / "train.csv", images_dir, base_dir, ti_dir, out_dir, cfg, seed, live_dir=live_dir)
 
 
 @main.command()
@@ -175,8 +190,11 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
              seed: int) -> None:
     """Synthesise dark-skin versions of every training image (img2img); resumes where it stopped."""
     from skinaug import generate as generate_mod
+    from skinaug import launch
 
     cfg = _cfg(ctx)
+    if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
+        return
     generate_mod.generate(split_dir / "train.csv", images_dir, base_dir, out_dir, cfg, seed,
                           ti_dir=ti_dir, lora_dir=list(lora_dirs), strategy=strategy or cfg.generate.strategy,
                           sources_per_label=sources_per_label)
@@ -194,9 +212,11 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
 @click.option("--keep", type=ExistingPath, default=None,
               help="The select stage's kept.csv: train only on the synthetic images it lists.")
 @_seed_option
+@_live_option
 @click.pass_context
 def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Path | None,
-             arch: str, train_type: str, test_names: tuple[str, ...], keep: Path | None, seed: int) -> None:
+             arch: str, train_type: str, test_names: tuple[str, ...], keep: Path | None, seed: int,
+             live_dir: Path | None) -> None:
     """Train one classifier and write its metrics (JSON) on each test set."""
     from skinaug import classify as classify_mod
 
@@ -205,7 +225,8 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
         raise click.UsageError("several --test sets need a {test} placeholder in OUT_JSON")
     outputs = {name: Path(str(out_json).replace("{test}", name)) for name in test_names}
     start = time.monotonic()
-    for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed, keep=keep):
+    for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed, keep=keep,
+                              live_dir=live_dir):
         click.echo(f"classify: {arch} {train_type} seed {seed} on {m['test_name']} ({m['n_test']} images): "
                    f"accuracy {m['accuracy_pct']:.2f}%, macro F1 {m['f1_pct']:.2f}%; "
                    f"epoch {m['chosen_epoch']}/{m['epochs']} by {m['selection']['rule']} "
@@ -328,6 +349,27 @@ def tone(ctx, split_dir: Path, images_dir: Path, out_dir: Path, syn_dir: Path | 
     cfg = _cfg(ctx)
     summary = tone_mod.write_tone_report(split_dir, images_dir, syn_dir, out_dir, cfg.splits.light)
     click.echo(summary.to_string(index=False))
+
+
+@main.command("sweep-report")
+@click.argument("out_dir", type=PathArg)
+@click.option("--param", default=None, help="The swept params.yaml key; default: the one of generate.strength, "
+              "guidance, per_source, max_per_label that differs between the experiments.")
+@click.option("--exp", "names", multiple=True, help="Only this finished experiment (repeat it); default: all of HEAD's.")
+@click.option("--repo", "repo_dir", type=ExistingPath, default=Path("."), show_default=True,
+              help="The git + DVC repository holding the experiments.")
+def sweep_report(out_dir: Path, param: str | None, names: tuple[str, ...], repo_dir: Path) -> None:
+    """Dark-skin accuracy and tone shift against a swept setting, from finished `dvc exp run` experiments.
+
+    Writes OUT_DIR/sweep.md, sweep.csv and sweep.png. Queue a sweep first:
+    dvc exp run --queue -S 'generate.strength=0.3,0.5,0.7' && dvc exp run --run-all
+    """
+    from skinaug import sweep
+
+    exps = sweep.select(sweep.experiments(sweep.exp_show(repo_dir)), names)
+    table = sweep.write_report(exps, out_dir, *sweep.git_reader(repo_dir), param=param)
+    click.echo(f"sweep-report: {table.param.iloc[0]} over {table.value.nunique()} values, {len(exps)} experiments "
+               f"-> {out_dir / 'sweep.md'}, sweep.csv, sweep.png")
 
 
 @main.command()

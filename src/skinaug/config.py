@@ -33,7 +33,8 @@ TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (promp
 SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
 FEATURES = ("classifier", "dinov2")  # image features the quality measures compare (quality.EXTRACTORS)
 SELECT_RULES = ("tone", "lesion", "best_n")  # what the select stage may drop by (select.RULES)
-DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; cuda:N is not offered: Accelerate picks its own GPU
+DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; model.device also takes cuda:K (one card, DEVICE_RE)
+DEVICE_RE = r"cuda:(\d+)"  # model.device naming card K; bench's --device stays with DEVICES
 VIT_PRETRAINED_SIZE = 224  # the only input side ImageNet vit_b_16 weights take (classify.crop_size)
 
 
@@ -86,7 +87,7 @@ class ModelConfig:
     revision: str | None  # pinned hub revision (commit hash); null = default branch
     resolution: int  # training and generation resolution in pixels
     mixed_precision: str  # "no", "fp16" or "bf16"; CPU always runs fp32
-    device: str  # "auto", "cpu" or "cuda"
+    device: str  # "auto", "cpu", "cuda" or "cuda:K" (card K); speed only: no stage declares it (README "Several GPUs")
     channels_last: bool  # UNet and VAE in channels_last memory format on GPU (speed only; same results)
     seed: int  # seed of the tiny demo model (model.base: tiny)
     tiny_corpus: int  # tiny model: images in the demo world's web corpus it is pretrained on
@@ -105,6 +106,7 @@ class TextualInversionConfig:
     weight_decay: float  # AdamW weight decay
     flip_p: float  # probability of a horizontal flip
     checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
+    log_every: int  # optimiser updates per DVCLive loss row (the mean over them); shapes the logged curve
     tokens_per_pass: int  # tokens per forward pass, 0 = all; fewer uses less GPU memory, same result
     templates: str  # "authors" (their 11 neutral templates) or "imagenet" (diffusers' 27, with "a dark photo of")
 
@@ -120,6 +122,7 @@ class LoraConfig:
     max_grad_norm: float  # gradient-norm clip; 0 = none (the reference's clip is a no-op, see README deviations)
     weight_decay: float  # AdamW weight decay (the reference script's default)
     checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
+    log_every: int  # optimiser updates per DVCLive loss row (the mean over them); shapes the logged curve
     mode: str  # "joint" (one LoRA, released code) or "per_label" (paper runs)
     use_tokens: bool  # prompts name the learned tokens (false: plain condition names)
 
@@ -127,6 +130,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     per_source: int  # synthetic images per training image
+    max_per_label: int  # cap on synthetic images per label (the synthetic-to-real ratio below 1 per source); 0 = none
     strength: float  # img2img strength
     steps: int  # scheduler steps (img2img runs about strength * steps of them)
     guidance: float  # classifier-free guidance scale
@@ -182,6 +186,19 @@ class SelectConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     seed: int  # the study seed whose images the tone check and the report's figures show
+    bootstrap: int  # resamples of the test images behind every 95 % interval
+    bootstrap_seed: int  # seeds those resamples (its own key: report.seed picks the images shown)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How textual inversion, LoRA and generation start: no stage declares this section, so changing it
+    re-runs nothing (the outputs are the same with any number of processes)."""
+
+    processes: int  # processes per stage, all machines together; > 1 re-runs the command under `accelerate launch`
+    num_machines: int  # machines sharing those processes (each runs processes / num_machines)
+    main_process_ip: str | None  # address of machine rank 0; needed when num_machines > 1
+    main_process_port: int  # rendezvous port on machine rank 0; 0 = a free one (one machine only)
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,7 @@ class Config:
     quality: QualityConfig
     select: SelectConfig
     report: ReportConfig
+    launch: LaunchConfig
 
 
 def load(path: str | Path = "params.yaml") -> Config:
@@ -348,7 +366,8 @@ RULES: dict[str, Rule] = {
     "model.revision": _TEXT,
     "model.resolution": _PIXELS,
     "model.mixed_precision": _one_of(("no", "fp16", "bf16")),
-    "model.device": _one_of(DEVICES),
+    "model.device": Rule(lambda v: v in DEVICES or re.fullmatch(DEVICE_RE, v) is not None,
+                         "one of " + ", ".join(DEVICES) + " or cuda:K (card K, counted from 0)"),
     "model.seed": _SEED,
     "model.tiny_corpus": _int(1),
     "model.tiny_vae_steps": _int(0),
@@ -361,6 +380,7 @@ RULES: dict[str, Rule] = {
     "textual_inversion.weight_decay": _num(0),
     "textual_inversion.flip_p": _num(0, 1),
     "textual_inversion.checkpoint_every": _int(0),
+    "textual_inversion.log_every": _int(1),
     "textual_inversion.tokens_per_pass": _int(0),
     "textual_inversion.templates": _one_of(TI_TEMPLATES),
     "lora.rank": _int(1),
@@ -372,8 +392,10 @@ RULES: dict[str, Rule] = {
     "lora.max_grad_norm": _num(0),
     "lora.weight_decay": _num(0),
     "lora.checkpoint_every": _int(0),
+    "lora.log_every": _int(1),
     "lora.mode": _one_of(("joint", "per_label")),
     "generate.per_source": _int(1),
+    "generate.max_per_label": _int(0),
     "generate.strength": _num(0, 1, open_lo=True),  # 0 would return the source unchanged
     "generate.steps": _int(1),
     "generate.guidance": _num(1),  # diffusers treats any scale <= 1 as no guidance: 1 says so
@@ -408,6 +430,13 @@ RULES: dict[str, Rule] = {
                          "a list without repeats, each one of " + ", ".join(SELECT_RULES) + " ([] keeps every image)"),
     "select.best_n": _int(1),
     "report.seed": _SEED,
+    # a 95 % percentile interval rests on its 2.5 % tails: at 1,000 resamples, 25 draws each
+    "report.bootstrap": _int(1000),
+    "report.bootstrap_seed": _SEED,
+    "launch.processes": _int(1),
+    "launch.num_machines": _int(1),
+    "launch.main_process_ip": _TEXT,
+    "launch.main_process_port": _int(0, 65535),
 }
 
 def _vit_fits(c: Config) -> bool:
@@ -433,6 +462,12 @@ CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     # img2img runs int(strength * steps) scheduler steps, and diffusers refuses zero.
     ("generate.strength", lambda c: int(c.generate.strength * c.generate.steps) >= 1,
      "at least 1 / generate.steps (1/{c.generate.steps}) so img2img runs a step"),
+    ("launch.processes", lambda c: c.launch.processes % c.launch.num_machines == 0,
+     "a multiple of launch.num_machines ({c.launch.num_machines}): each machine runs as many"),
+    ("launch.main_process_ip", lambda c: c.launch.num_machines == 1 or c.launch.main_process_ip is not None,
+     "the address of machine rank 0 when launch.num_machines > 1"),
+    ("launch.main_process_port", lambda c: c.launch.num_machines == 1 or c.launch.main_process_port > 0,
+     "a fixed port (not 0) when launch.num_machines > 1: every machine must know it"),
 ]
 
 

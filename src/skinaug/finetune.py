@@ -11,12 +11,16 @@ place only when complete: resume.Work; stock diffusers loaders read them):
     lora/pytorch_lora_weights.safetensors          (mode joint)     -> pipe.load_lora_weights(lora)
     lora/<bas-class>/pytorch_lora_weights.safetensors (mode per_label, one folder per label)
     lora/lora.json                 settings, files and final loss
+With live_dir, the loss curve goes to a DVCLive folder as it trains (skinaug.live): textual
+inversion a row per textual_inversion.log_every updates, loss/<token name> the mean of each
+token's losses over them; LoRA the same per lora.log_every, loss/joint or loss/<token name> (per_label).
+A resumed run replays the checkpoint's losses there, so its curve is an uninterrupted run's.
 
 Demo profile (tiny model, 1,519 images, 60 steps each, 2 CPU cores): about 20 s per stage.
 
-More than one GPU: the same commands under accelerate (data parallel; same result as one process):
-    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) textual_inversion ...
-    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) lora ...
+More than one GPU: `launch.processes: 4` (params) runs the same commands under accelerate (launch.py;
+data parallel; the result of one process up to float rounding), as by hand would:
+    accelerate launch --multi_gpu --num_processes 4 -m skinaug textual_inversion ...
 Each process computes the loss of its share of every step's batch (`_mine`), normalised by the
 whole batch; the trainable gradients are summed over processes (one all-reduce per step), so
 every process applies the update a single process would. Only the main process writes.
@@ -49,7 +53,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skinaug import SkinaugError, atomic, data, diffusion, prompts, resume
+from skinaug import SkinaugError, atomic, data, diffusion, live, prompts, resume
 from skinaug.config import Config, ModelConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
@@ -63,11 +67,12 @@ _TI, _LORA = 0, 1  # phase keys of the counter-based seeds
 
 def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, cfg: Config,
                             seed: int, *, labels: list[str] | None = None, checkpoint_every: int | None = None,
-                            on_step=None) -> dict:
+                            on_step=None, live_dir: Path | None = None) -> dict:
     """Learn one token per label, all in one job; each token's updates are those of a run of its own.
 
     `labels` trains a subset (the tests compare one token alone with the joint run);
-    `on_step(step, losses, text_encoder)` is called after every optimiser update.
+    `on_step(step, losses, text_encoder)` is called after every optimiser update; live_dir: the
+    loss curve (module docstring).
     """
     ti = cfg.textual_inversion
     labels = list(cfg.subset.labels if labels is None else labels)
@@ -96,9 +101,12 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     optimizer = accelerator.prepare_optimizer(optimizer)
 
     fingerprint = _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels)
-    with resume.Work(out_dir, fingerprint, accelerator) as work:  # waits while another run writes out_dir
+    names = [f"loss/{_token_name(prompts.token(label))}" for label in labels]
+    with (resume.Work(out_dir, fingerprint, accelerator) as work,  # waits while another run writes out_dir
+          live.Curve(live_dir, accelerator.is_main_process) as curve):
         state = work.state
         start, history = (state["step"], state["history"]) if state else (0, [])
+        curve.losses(history, ti.log_every, ti.steps, names, replay=True)
         if state:
             embeddings.weight.data[token_ids] = state["rows"].to(device)
             optimizer.load_state_dict(state["optimizer"])
@@ -138,6 +146,7 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
             with torch.no_grad():  # only the new rows learn; weight decay touched every row
                 embeddings.weight[keep] = original[keep]
             history.append(step_losses.tolist())
+            curve.losses(history, ti.log_every, ti.steps, names)
             bar.update()
             bar.set_postfix(loss=f"{step_losses.mean():.4f}")
             if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
@@ -222,7 +231,7 @@ def _token_file(token: str) -> str:
 
 
 def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path | None, out_dir: Path, cfg: Config,
-               seed: int, *, checkpoint_every: int | None = None, on_step=None) -> dict:
+               seed: int, *, checkpoint_every: int | None = None, on_step=None, live_dir: Path | None = None) -> dict:
     """Fine-tune the UNet with LoRA (text encoder frozen): one joint LoRA, or one per label.
 
     Prompts name the learned tokens from ti_dir; without ti_dir (or with lora.use_tokens
@@ -252,8 +261,11 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
     fingerprint = _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
                                ti=sorted(atomic.file_hash(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
                                else None)
-    with resume.Work(out_dir, fingerprint, accelerator) as work:  # waits while another run writes out_dir
-        state = work.state or {"job": 0, "done": {}}
+    with (resume.Work(out_dir, fingerprint, accelerator) as work,  # waits while another run writes out_dir
+          live.Curve(live_dir, accelerator.is_main_process) as curve):
+        state = work.state or {"job": 0, "done": {}, "curves": {}}
+        for name, losses in state["curves"].items():  # the LoRAs finished before a kill
+            curve.losses(losses, lo.log_every, lo.steps, [_loss_name(name)], replay=True)
         every = checkpoint_every or lo.checkpoint_every
         started = time.time()
         bar = tqdm(total=lo.steps * len(jobs), initial=lo.steps * state["job"] + state.get("step", 0), desc="lora",
@@ -267,18 +279,23 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
 
             def checkpoint(step, history, optimizer, params, j=j):
                 if every > 0 and step % every == 0 and step < lo.steps:
-                    work.save({"job": j, "done": state["done"], "step": step, "history": history,
+                    work.save({"job": j, "done": state["done"], "curves": state["curves"], "step": step,
+                               "history": history,
                                "optimizer": optimizer.state_dict(),
                                "lora": {n: p.detach().cpu() for n, p in params.items()}})
 
+            def log(history, replay=False, name=name):
+                curve.losses(history, lo.log_every, lo.steps, [_loss_name(name)], replay)
+
             history = _lora_job(run, members, sampler, (seed, _LORA, j), state if state.get("step") else None,
-                                checkpoint, bar, on_step)
+                                checkpoint, log, bar, on_step)
             folder = work.path if label is None else work.path / _token_name(prompts.token(label))
             if accelerator.is_main_process:
                 _save_lora(accelerator.unwrap_model(run.unet), folder)
             state = {"job": j + 1, "done": {**state["done"], name: {
                 "file": str((folder / LORA_FILE).relative_to(work.path)), "images": len(members),
-                "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}}}
+                "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}},
+                "curves": {**state["curves"], name: history}}
             work.save(state)
         bar.close()
 
@@ -313,9 +330,11 @@ class _LoraRun:
     dtype: torch.dtype  # weight dtype of the frozen modules
 
 
-def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: dict | None, checkpoint, bar,
+def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: dict | None, checkpoint, log, bar,
               on_step) -> list[float]:
-    """Add a fresh adapter and train it for lora.steps updates (from a checkpoint when resuming)."""
+    """Add a fresh adapter and train it for lora.steps updates (from a checkpoint when resuming).
+
+    log(history, replay=False) logs the loss curve's row due (replay: the checkpoint's rows)."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
@@ -339,6 +358,7 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
                 params[name].copy_(value)
         optimizer.load_state_dict(resume["optimizer"])
         start, history = resume["step"], resume["history"]
+    log(history, replay=True)
     for step in range(start, lo.steps):
         loss = torch.zeros((), device=accelerator.device)
         mine = _mine(lo.batch_size, accelerator)
@@ -361,12 +381,18 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append(loss.item())
+        log(history)
         bar.update()
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         checkpoint(step + 1, history, optimizer, params)
         if on_step is not None:
             on_step(step + 1, {"loss": history[-1]}, base)
     return history
+
+
+def _loss_name(job: str) -> str:
+    """A LoRA's loss curve in DVCLive: loss/joint, or loss/<token name> for a label's own LoRA."""
+    return f"loss/{job if job == 'joint' else _token_name(prompts.token(job))}"
 
 
 def _save_lora(unet, folder: Path) -> None:
@@ -654,6 +680,7 @@ def _place(*modules, device, dtype, model: ModelConfig) -> None:
 def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: Path, **extra) -> dict:
     """What a checkpoint must match to be resumed: settings, seed, split and base model."""
     section = cfg.textual_inversion if stage == "textual_inversion" else cfg.lora
+    model = dataclasses.asdict(cfg.model) | {"device": cfg.model.device.split(":")[0]}  # any card resumes it
     return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
-            "model": dataclasses.asdict(cfg.model), "train_csv": atomic.file_hash(train_csv),
+            "model": model, "train_csv": atomic.file_hash(train_csv),
             "base": diffusion.base_info(base_dir), **extra}

@@ -2,7 +2,7 @@
 
     skinaug generate data/splits/scenario1/seed0 data/images models/base data/syn/scenario1/seed0 \\
         --ti-dir models/ti/scenario1/seed0 --lora-dir models/lora/scenario1/seed0 --seed 0
-    accelerate launch --multi_gpu --num_processes 4 $(which skinaug) generate ...   # the same run on 4 GPUs
+    dvc exp run -S launch.processes=4    # the same run on 4 GPUs: the stage relaunches under accelerate (launch.py)
 
 The plan (one row per synthetic image: source, target skin type, prompt, seed) is a pure
 function of (train.csv, params, seed, strategy). Each image is fixed by its row alone: its own
@@ -82,7 +82,9 @@ def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str, sources_pe
     source-row order, once per source (generate.target_per "source", as the authors draw it: all
     images of a source share it) or once per image ("image", in (source row, k) order); any other
     source keeps its own. sources_per_label > 0 keeps only the first that many sources of each
-    label (a smaller ablation).
+    label (a smaller ablation). generate.max_per_label > 0 then keeps at most that many images
+    of each label: every source's k-th image before any source's (k+1)-th, sources within a k in
+    the order of their image seeds (a seeded draw that the cap does not change for kept rows).
     """
     s, g = strategy_of(strategy), cfg.generate
     train = _read_train(train_csv)
@@ -97,7 +99,15 @@ def make_plan(train_csv: Path, cfg: Config, seed: int, strategy: str, sources_pe
             rows.append([f"images/{src.md5hash}_{k}.png", src.md5hash, src.label, fst, own,
                          prompts.skin_prompt(src.label, fst, use_tokens=s.ti), image_seed(seed, src.md5hash, k),
                          g.strength if s.img2img else None, g.guidance, g.steps, strategy])
-    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+    plan = pd.DataFrame(rows, columns=PLAN_COLUMNS)
+    return cap_per_label(plan, g.per_source, g.max_per_label) if g.max_per_label > 0 else plan
+
+
+def cap_per_label(plan: pd.DataFrame, per_source: int, cap: int) -> pd.DataFrame:
+    """At most `cap` rows of each label, spread over sources (see make_plan), in plan order."""
+    k = np.arange(len(plan)) % per_source  # rows are (source, k) in order
+    rank = plan.assign(k=k).sort_values(["k", "seed"], kind="stable").groupby("label", sort=False).cumcount()
+    return plan[rank.sort_index().to_numpy() < cap].reset_index(drop=True)
 
 
 def target_draws(rng: np.random.Generator, dark: list[int], sources: int, per_source: int,

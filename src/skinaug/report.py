@@ -11,9 +11,16 @@ over seeds; "paper (reported)" the means printed in the paper. Results selected 
 reference rule (lowest TEST loss) get their own section and file names; they never enter the
 honest tables, the headline metrics or the dvc plots.
 
-Writes into out_dir: results.md (every table), summary.csv, table_scenario{S}.csv,
-paired_difference.csv, accuracy_by_skin_type.csv, ablation.csv, metrics.json (headline for
-`dvc exp show`), plots/accuracy.csv (for `dvc plots`) and figures/*.png.
+Beside each metrics JSON lie its per-image predictions ({stem}.predictions.csv); from them come
+the 95 % bootstrap intervals, the paired real+syn − real differences with a sign-flip test over seeds,
+and the sentence per scenario on dark skin (skinaug.stats). The worst group is the skin type of lowest
+accuracy.
+
+Writes into out_dir: results.md (every table), summary.csv (with intervals and worst group),
+table_scenario{S}.csv, paired_difference.csv, paired_difference_by_seed.csv,
+accuracy_by_skin_type.csv, ablation.csv, metrics.json (the short headline for `dvc exp show`),
+metrics_intervals.json, metrics_groups.json, metrics_ablation.json (the rest, one top-level key
+each), plots/accuracy.csv (for `dvc plots`) and figures/*.png (8 in wide at 110 dpi: shown 1:1).
 """
 from __future__ import annotations
 
@@ -24,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, data
+from skinaug import SkinaugError, atomic, classify, data, stats
 from skinaug.classify import ARCHS, SELECTION_LABELS, TRAIN_TYPES
 from skinaug.config import Config
 
@@ -80,7 +86,7 @@ def load_metrics(*metrics_dirs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue  # not a classifier's metrics (e.g. a headline metrics.json)
         row = {"scenario": rec["scenario"], "selection": rec["selection"]["rule"], "arch": rec["arch"],
                "train_type": rec["train_type"], "seed": rec["seed"], "test_name": rec["test_name"],
-               **{m: rec[m] for m in METRICS}, "record": rec}
+               **{m: rec[m] for m in METRICS}, "record": rec, "predictions": read_predictions(path, rec)}
         if "ablation" in path.relative_to(root).parts[:-1] or root.name == "ablation":  # ablation[/seed{S}]/...
             suffix = "_" + rec["test_name"]
             if not path.stem.endswith(suffix):
@@ -91,8 +97,29 @@ def load_metrics(*metrics_dirs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                                "{arch}_{train_type}.json")
         else:
             main.append(row)
-    columns = KEYS + ["seed", "test_name", *METRICS, "record"]
+    columns = KEYS + ["seed", "test_name", *METRICS, "record", "predictions"]
     return pd.DataFrame(main, columns=columns), pd.DataFrame(ablation, columns=columns + ["strategy"])
+
+
+def read_predictions(metrics_path: Path, record: dict) -> pd.DataFrame:
+    """The per-image predictions beside a classifier's metrics file (classify.predictions_path), as
+    class ids (true, pred) beside md5hash and fitzpatrick_scale; they must give the record's accuracy."""
+    again = "re-run its classify stage (`dvc repro`)"
+    path = classify.predictions_path(metrics_path)
+    if not path.is_file():
+        raise SkinaugError(f"{path} not found beside {metrics_path.name} (metrics older than the per-image "
+                           f"predictions?): {again}")
+    table = data.read_table(path)
+    labels = record["labels"]
+    unknown = sorted((set(table.label) | set(table.predicted)) - set(labels))
+    if unknown or len(table) != record["n_test"]:
+        raise SkinaugError(f"{path} does not match {metrics_path.name} ({len(table)} images, labels "
+                           f"{', '.join(unknown) or 'known'}): {again}")
+    out = pd.DataFrame({"md5hash": table.md5hash, "fitzpatrick_scale": table.fitzpatrick_scale.astype(int),
+                        "true": table.label.map(labels.index), "pred": table.predicted.map(labels.index)})
+    if not np.isclose(100 * (out.true == out.pred).mean(), record["accuracy_pct"]):
+        raise SkinaugError(f"{path} does not give the accuracy of {metrics_path.name}: {again}")
+    return out
 
 
 def summarise(main: pd.DataFrame) -> pd.DataFrame:
@@ -149,13 +176,17 @@ def _pooled(acc: dict, n: dict, scales: list[int]) -> float:
     return sum(acc[s] * n[s] for s in kept) / sum(n[s] for s in kept)
 
 
-def ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
+def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0) -> pd.DataFrame:
     """Table 5: accuracy on the light and the dark flexible sets per strategy, mean and sample std
-    over seeds (the light − dark gap taken per seed first), paper beside."""
+    over seeds (the light − dark gap taken per seed first), paper beside; 95 % intervals over the
+    test images of the light, dark and gap means; the worst group (lowest accuracy among the skin
+    types of both sets, per seed, then mean)."""
     columns = ["selection", "strategy", "scenario", "n_test", "arch", "n_seeds", "seeds"]
     columns += [f"{m}_{stat}" for m in ("accuracy_pct_light", "accuracy_pct_dark", "gap_light_minus_dark")
                 for stat in ("mean", "std")]
     columns += ["paper_accuracy_pct_light", "paper_accuracy_pct_dark"]
+    columns += [f"{m}_ci_{e}" for m in ("light", "dark", "gap") for e in ("low", "high")]
+    columns += ["worst_group_pct_mean", "worst_group_pct_std", "worst_group_fitzpatrick_scale"]
     rows = []
     for (selection, strategy), g in ablation.groupby(["selection", "strategy"], sort=False):
         per_seed = g.pivot_table(index="seed", columns="test_name", values="accuracy_pct")
@@ -170,6 +201,16 @@ def ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
         for name, values in (("accuracy_pct_light", light), ("accuracy_pct_dark", dark),
                              ("gap_light_minus_dark", light - dark)):
             row |= {f"{name}_mean": values.mean(), f"{name}_std": values.std()}
+        sets = {name: g[g.test_name == name].sort_values("seed") for name in ("flex_light", "flex_dark")}
+        if len(sets["flex_light"]) and len(sets["flex_dark"]):
+            row |= stats.light_dark(list(sets["flex_light"].predictions), list(sets["flex_dark"].predictions),
+                                    len(g.record.iloc[0]["labels"]), resamples, seed)
+        worst = [stats.worst_group({int(s): a for r in runs.record  # both test sets of the seed
+                                    for s, a in r["accuracy_pct_by_fitzpatrick_scale"].items()})
+                 for _, runs in g.groupby("seed")]
+        row |= {"worst_group_pct_mean": np.mean([a for _, a in worst]),
+                "worst_group_pct_std": np.std([a for _, a in worst], ddof=1) if len(worst) > 1 else np.nan,
+                "worst_group_fitzpatrick_scale": stats.most_frequent(w for w, _ in worst)}
         rows.append(row)
     order = {s: i for i, s in enumerate(PAPER_ABLATION)}
     out = pd.DataFrame(rows, columns=columns)
@@ -220,25 +261,46 @@ def paper_beside_ours(summary: pd.DataFrame, scenario: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _scenario_section(scenario: int, selection: str, main, summary, paired, skin) -> str:
+def _scenario_section(scenario: int, selection: str, main, summary, paired, per_seed, skin, dark: list[int]) -> str:
     def pick(df: pd.DataFrame) -> pd.DataFrame:
         return df[(df.scenario == scenario) & (df.selection == selection)]
 
-    summary, paired, skin, runs = pick(summary), pick(paired), pick(skin), pick(main)
+    summary, paired, per_seed, skin, runs = pick(summary), pick(paired), pick(per_seed), pick(skin), pick(main)
     seeds = sorted(set(runs.seed))
     facts = (f"Model selection: **{SELECTION_LABELS[selection]}** · {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) · "
              f"test set {', '.join(sorted(set(runs.test_name)))} ({int(runs.record.iloc[0]['n_test'])} images) · "
              f"profile {', '.join(sorted({r['profile'] for r in runs.record}))}\n")
-    out = [f"## Scenario {scenario}: {SCENARIOS.get(scenario, '')}\n", facts,
-           f"### {PAPER_TABLE.get(scenario, 'Table')} layout — ours\n", markdown(paper_layout(summary)),
-           "\n### Accuracy: paper (reported) beside ours\n", markdown(paper_beside_ours(summary, scenario))]
+    out = [f"## Scenario {scenario}: {SCENARIOS.get(scenario, '')}\n", facts]
+    if len(paired):
+        out.append(dark_sentence(scenario, paired, per_seed, dark) + "\n")
+    out += [f"### {PAPER_TABLE.get(scenario, 'Table')} layout — ours\n", markdown(paper_layout(summary)),
+            "\n### Accuracy: paper (reported) beside ours\n", markdown(paper_beside_ours(summary, scenario)),
+            "\n### How sure, and for whom: 95 % intervals over the test images, worst-served skin type\n",
+            "Mean over seeds [95 % percentile bootstrap interval: each seed's test images drawn with replacement, "
+            "the mean recomputed]. Worst group: the lowest accuracy among the test images' skin types, per seed, "
+            "then mean ± std (the type most often lowest).\n\n", markdown(uncertainty_layout(summary, skin))]
     if len(paired):
         table = pd.DataFrame({
             "Model": [ARCH_NAMES.get(a, a) for a in paired.arch],
             "Δ accuracy ours": [cell(m, s, n) for m, s, n in zip(paired.accuracy_pct_diff_mean, paired.accuracy_pct_diff_std, paired.n_seeds)],
+            "95 % CI": [interval_cell(lo, hi) for lo, hi in zip(paired.accuracy_pct_diff_ci_low, paired.accuracy_pct_diff_ci_high)],
+            "sign-flip p over seeds": [p_cell(p, n) for p, n in zip(paired.accuracy_pct_diff_p, paired.n_seeds)],
             "Δ F1 ours": [cell(m, s, n) for m, s, n in zip(paired.f1_pct_diff_mean, paired.f1_pct_diff_std, paired.n_seeds)],
+            "Δ F1 95 % CI": [interval_cell(lo, hi) for lo, hi in zip(paired.f1_pct_diff_ci_low, paired.f1_pct_diff_ci_high)],
             "Δ accuracy paper (reported means)": ["–" if np.isnan(d) else f"{d:.2f}" for d in paired.paper_accuracy_pct_diff]})
-        out += ["\n### Paired difference real+syn − real (per seed, then mean ± std)\n", markdown(table)]
+        by_seed = pd.DataFrame({
+            "Model": [ARCH_NAMES.get(a, a) for a in per_seed.arch], "Seed": per_seed.seed,
+            "Δ accuracy [95 % CI]": [f"{d:+.2f} {interval_cell(lo, hi)}" for d, lo, hi in zip(
+                per_seed.accuracy_pct_diff, per_seed.accuracy_pct_diff_ci_low, per_seed.accuracy_pct_diff_ci_high)],
+            "Δ F1 [95 % CI]": [f"{d:+.2f} {interval_cell(lo, hi)}" for d, lo, hi in zip(
+                per_seed.f1_pct_diff, per_seed.f1_pct_diff_ci_low, per_seed.f1_pct_diff_ci_high)],
+            "Δ accuracy on dark images": [f"{d:+.2f} (n={n})" if n else "– (none)"
+                                          for d, n in zip(per_seed.dark_accuracy_pct_diff, per_seed.n_dark)]})
+        out += ["\n### Paired difference real+syn − real (per seed, then mean ± std)\n",
+                "The interval draws the same test images for both classifiers of a seed. The sign-flip test "
+                "compares the per-seed differences with zero over all 2^n sign patterns (two-sided); "
+                "n seeds cannot give p below 2 / 2^n (5 seeds: 0.0625).\n\n", markdown(table),
+                "\nPer seed:\n\n", markdown(by_seed)]
     if len(skin):
         groups = _ordered(skin.group, [f"FST {s}" for s in range(1, 7)] + ["light − dark gap"])
         rows = []
@@ -250,6 +312,66 @@ def _scenario_section(scenario: int, selection: str, main, summary, paired, skin
             rows.append(row)
         out += ["\n### Accuracy per skin type of the test images (fitzpatrick_scale)\n", markdown(pd.DataFrame(rows))]
     return "\n".join(out)
+
+
+def interval_cell(low: float, high: float) -> str:
+    return "–" if pd.isna(low) else f"[{low:.2f}, {high:.2f}]"
+
+
+def p_cell(p: float, n_seeds: int) -> str:
+    if n_seeds < 2 or pd.isna(p):
+        return "– (one seed)"
+    return f"{p:.3g} (≥ {stats.smallest_p(n_seeds):.3g} with {n_seeds})"
+
+
+def uncertainty_layout(summary: pd.DataFrame, skin: pd.DataFrame) -> pd.DataFrame:
+    """Per arch × train type: accuracy and macro F1 with their intervals, the worst group, and the
+    light − dark gap where the test set has both."""
+    gaps = skin[skin.group == "light − dark gap"].set_index(["arch", "train_type"])
+    rows = []
+    for r in summary.itertuples():
+        row = {"Model": ARCH_NAMES.get(r.arch, r.arch), "Train": TRAIN_NAMES.get(r.train_type, r.train_type),
+               "Accuracy [95 % CI]": f"{r.accuracy_pct_mean:.2f} {interval_cell(r.accuracy_pct_ci_low, r.accuracy_pct_ci_high)}",
+               "Macro F1 [95 % CI]": f"{r.f1_pct_mean:.2f} {interval_cell(r.f1_pct_ci_low, r.f1_pct_ci_high)}",
+               "Worst group": f"{cell(r.worst_group_pct_mean, r.worst_group_pct_std, r.n_seeds)} "
+                              f"(FST {r.worst_group_fitzpatrick_scale})"}
+        if len(gaps):
+            g = gaps.loc[(r.arch, r.train_type)] if (r.arch, r.train_type) in gaps.index else None
+            row["light − dark"] = "–" if g is None else cell(g.accuracy_pct_mean, g.accuracy_pct_std, g.n_seeds)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def dark_sentence(scenario: int, paired: pd.DataFrame, per_seed: pd.DataFrame, dark: list[int]) -> str:
+    """One sentence from the numbers: did real+syn beat real on the dark test images, and how sure.
+
+    "helped" / "hurt" when the 95 % interval of the mean difference (over test images) lies above /
+    below zero, "not shown" when it includes zero; then what the seeds say (sign-flip test)."""
+    alpha = 1 - stats.CONFIDENCE
+    counts = sorted(set(per_seed.n_dark))
+    size = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    parts = []
+    for r in paired.itertuples():
+        name, n = ARCH_NAMES.get(r.arch, r.arch), r.n_seeds
+        mean, low, high, p = (r.dark_accuracy_pct_diff_mean, r.dark_accuracy_pct_diff_ci_low,
+                              r.dark_accuracy_pct_diff_ci_high, r.dark_accuracy_pct_diff_p)
+        if pd.isna(mean):
+            parts.append(f"{name}: no dark test images to tell")
+            continue
+        verdict = "not shown" if pd.isna(low) or low <= 0 <= high else ("helped" if low > 0 else "hurt")
+        if n < 2:
+            seeds = "one seed, so nothing to say across seeds"
+        elif stats.smallest_p(n) > alpha:
+            seeds = (f"{n} seeds are too few for the sign-flip test to reach p < {alpha:g} "
+                     f"(p = {p:.2f}, at best {stats.smallest_p(n):.3g})")
+        elif p < alpha:
+            seeds = f"the {n} seeds agree (sign-flip p = {p:.3g})"
+        else:
+            seeds = f"the {n} seeds leave it open (sign-flip p = {p:.2f})"
+        parts.append(f"{name} {verdict}, {mean:+.2f} points (95 % CI {interval_cell(low, high)} over test images; {seeds})")
+    skin_types = ", ".join(map(str, dark))
+    return (f"**Did the synthetic images help on dark skin?** Scenario {scenario}, accuracy of real+syn − real on the "
+            f"dark test images (FST {skin_types}; {size} per seed): " + "; ".join(parts) + ".")
 
 
 def _fmt(v: float) -> str:
@@ -264,6 +386,9 @@ def _ablation_section(table: pd.DataFrame) -> str:
         "Strategy": [STRATEGY_NAMES.get(s, s) for s in table.strategy],
         "light ours": cells("accuracy_pct_light"), "dark ours": cells("accuracy_pct_dark"),
         "light − dark ours": cells("gap_light_minus_dark"),
+        "light − dark 95 % CI": [interval_cell(lo, hi) for lo, hi in zip(table.gap_ci_low, table.gap_ci_high)],
+        "worst group": [f"{cell(m, sd, n)} (FST {w})" for m, sd, n, w in zip(
+            table.worst_group_pct_mean, table.worst_group_pct_std, table.n_seeds, table.worst_group_fitzpatrick_scale)],
         "light paper (reported)": table.paper_accuracy_pct_light.map(_fmt),
         "dark paper (reported)": table.paper_accuracy_pct_dark.map(_fmt)})
     first = table.iloc[0]
@@ -274,19 +399,24 @@ def _ablation_section(table: pd.DataFrame) -> str:
     return (f"## Ablation (Table 5): scenario {first.scenario}, {ARCH_NAMES.get(first.arch, first.arch)} "
             f"trained on synthetic images only, seeds {', '.join(seeds)}{warning}\n\n"
             f"Accuracy on the light and the dark flexible sets ({first.n_test}), mean ± sample std over seeds "
-            f"(the gap per seed first). Model selection: **{SELECTION_LABELS[first.selection]}**.{chosen}\n\n"
+            f"(the gap per seed first); the gap's 95 % interval draws each set's images with replacement; worst "
+            f"group: the lowest accuracy among the skin types of both sets, per seed. Model selection: "
+            f"**{SELECTION_LABELS[first.selection]}**.{chosen}\n\n"
             + markdown(shown))
 
 
 # --- figures ---------------------------------------------------------------------------------
 
 COLOURS = {"real": "#4c72b0", "syn": "#dd8452", "real_syn": "#55a868"}
+# Figures are shown 1:1 in a markdown page (GitHub's column is about 880 px): at most WIDTH_IN inches
+# at DPI, so nothing is shrunk, and no text below MIN_FONT_PT.
+DPI, WIDTH_IN, MIN_FONT_PT = 110, 8.0, 8
 
 
 def metrics_figure(summary: pd.DataFrame, scenario: int, selection: str, path: Path) -> None:
     archs = _ordered(summary.arch, ARCHS)
-    fig = Figure(figsize=(4 * len(METRICS), 4), layout="constrained")
-    axes = fig.subplots(1, len(METRICS), sharey=True)
+    fig = Figure(figsize=(WIDTH_IN, 6.4), layout="constrained")
+    axes = fig.subplots(2, 2, sharey=True).ravel()
     x, width = np.arange(len(archs)), 0.8 / len(TRAIN_TYPES)
     for ax, (m, name) in zip(axes, METRICS.items()):
         for i, t in enumerate(TRAIN_TYPES):
@@ -298,9 +428,10 @@ def metrics_figure(summary: pd.DataFrame, scenario: int, selection: str, path: P
                 ax.plot(x + (i - 1) * width, paper, "k_", markersize=14, mew=2,
                         label="paper (reported)" if i == 0 else None)
         ax.set(title=name, xticks=x, xticklabels=[ARCH_NAMES.get(a, a) for a in archs], ylim=(0, 100))
-    axes[0].set_ylabel("% on the test set (mean ± sample std over seeds)")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8)
-    fig.suptitle(f"Scenario {scenario}: {SCENARIOS.get(scenario, '')} — selection: {SELECTION_LABELS[selection]}",
+    for ax in axes[::2]:
+        ax.set_ylabel("% on the test set\n(mean ± sample std over seeds)", fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=MIN_FONT_PT + 1)
+    fig.suptitle(f"Scenario {scenario}: {SCENARIOS.get(scenario, '')}\nselection: {SELECTION_LABELS[selection]}",
                  fontsize=10)
     _save(fig, path)
 
@@ -310,7 +441,8 @@ def confusion_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Pa
     labels = runs.record.iloc[0]["labels"]
     archs, types = _ordered(runs.arch, ARCHS), _ordered(runs.train_type, list(TRAIN_TYPES))
     short = [label[:3] for label in labels]
-    fig = Figure(figsize=(3.3 * len(types), 3.3 * len(archs) + 0.6), layout="constrained")
+    side = min(3.3, WIDTH_IN / len(types))
+    fig = Figure(figsize=(side * len(types), side * len(archs) + 0.9), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(archs), len(types), squeeze=False))
     for (i, arch), (j, t) in ((a, b) for a in enumerate(archs) for b in enumerate(types)):
         ax, g = axes[i, j], runs[(runs.arch == arch) & (runs.train_type == t)]
@@ -321,34 +453,14 @@ def confusion_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Pa
         share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for (r, c), v in np.ndenumerate(cm):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=7, color="white" if share[r, c] > 0.6 else "black")
-        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=short, yticklabels=short,
-               title=f"{ARCH_NAMES.get(arch, arch)}, {TRAIN_NAMES.get(t, t)} ({len(g)} seeds)")
-        ax.tick_params(labelsize=7)
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=MIN_FONT_PT,
+                    color="white" if share[r, c] > 0.6 else "black")
+        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=short, yticklabels=short)
+        ax.set_title(f"{ARCH_NAMES.get(arch, arch)}, {TRAIN_NAMES.get(t, t)} ({len(g)} seeds)", fontsize=9)
+        ax.tick_params(labelsize=MIN_FONT_PT)
+    key = [f"{s} = {label}" for s, label in zip(short, labels)]
     fig.suptitle(f"Scenario {scenario}, selection {selection}: rows true label, columns predicted; summed over seeds\n"
-                 + ", ".join(f"{s} = {label}" for s, label in zip(short, labels)), fontsize=8)
-    _save(fig, path)
-
-
-def curves_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Path) -> None:
-    """Training loss per epoch (mean over seeds), plus validation/test loss where it was computed."""
-    archs = _ordered(runs.arch, ARCHS)
-    fig = Figure(figsize=(4.5 * len(archs), 3.5), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(archs), squeeze=False)[0])
-    for ax, arch in zip(axes, archs):
-        for t in TRAIN_TYPES:
-            g = runs[(runs.arch == arch) & (runs.train_type == t)]
-            if g.empty:
-                continue
-            curve = pd.concat([pd.DataFrame(r["curve"]) for r in g.record]).groupby("epoch").mean()
-            ax.plot(curve.index, curve["loss"], color=COLOURS[t], label=f"{TRAIN_NAMES[t]} train")
-            for col, style in (("val_loss", "--"), ("test_loss", ":")):
-                if col in curve:
-                    ax.plot(curve.index, curve[col], style, color=COLOURS[t], label=f"{TRAIN_NAMES[t]} {col[:-5]}")
-        ax.set(title=ARCH_NAMES.get(arch, arch), xlabel="epoch", ylabel="NLL loss (mean over seeds)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Scenario {scenario}: training curves (selection {selection})", fontsize=10)
+                 + "\n".join(", ".join(key[i:i + 4]) for i in range(0, len(key), 4)), fontsize=MIN_FONT_PT + 1)
     _save(fig, path)
 
 
@@ -367,7 +479,8 @@ def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[
     if not chosen:
         raise SkinaugError(f"no training image in {split_dir} has a synthetic version in {syn_dir}/manifest.csv")
     cols = 1 + max(len(s) for *_, s in chosen)
-    fig = Figure(figsize=(1.7 * cols, 1.8 * len(chosen)), layout="constrained")
+    tile = min(1.7, WIDTH_IN / cols)
+    fig = Figure(figsize=(tile * cols, (tile + 0.1) * len(chosen)), layout="constrained")
     axes = fig.subplots(len(chosen), cols, squeeze=False)
     for row, (label, src, syn) in zip(axes, chosen):
         tiles = [(Path(images_dir) / f"{src.md5hash}.jpg", f"real, FST {src.fitzpatrick_scale}")]
@@ -377,31 +490,85 @@ def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[
         for ax, (file, title) in zip(row, tiles):
             with Image.open(file) as im:
                 ax.imshow(im.convert("RGB"))
-            ax.set_title(title, fontsize=7)
-        row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right", va="center", fontsize=8)
+            ax.set_title(title, fontsize=MIN_FONT_PT)
+        row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right", va="center",
+                    fontsize=MIN_FONT_PT)
     fig.suptitle("Real training images (left)\nand their synthetic versions", fontsize=9)
     _save(fig, path)
 
 
 def _save(fig: Figure, path: Path) -> None:
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 # --- the stage -------------------------------------------------------------------------------
 
-def headline(summary: pd.DataFrame, scenario: int, selection: str) -> dict:
-    """{"scenario": S, "selection": rule, arch: {train_type: {"accuracy_pct", "f1_pct"}}}: means over seeds.
+def _round(value) -> float | None:
+    """A metric for JSON: 4 decimals, None (null) for a missing number."""
+    return None if pd.isna(value) else round(float(value), 4)
 
-    Test-selected runs (the reference rule) never stand under those honest names: when they are all
-    there is, they go under a "test_reference" key, so `dvc exp show` columns say what they are.
+
+def _cells(out: dict, selection: str) -> dict:
+    """Where a metrics file's numbers go: test-selected runs (the reference rule) never stand under
+    the honest names, so `dvc exp show` columns say what they are."""
+    return out.setdefault("test_reference", {}) if selection == "test_reference" else out
+
+
+def headline(summary: pd.DataFrame, paired: pd.DataFrame, scenario: int, selection: str) -> dict:
+    """reports/metrics.json, the short set `dvc exp show` shows: {"scenario", "selection", arch:
+    {train_type: {"accuracy_pct", "f1_pct"}, "gain": {"accuracy_pct", "ci_low", "ci_high"}}}: means
+    over seeds, and real+syn − real accuracy with its 95 % interval. The rest: detail_metrics.
+
+    When test-selected runs are all there is, they go under a "test_reference" key.
     """
     out = {"scenario": scenario, "selection": selection}
-    cells = out.setdefault("test_reference", {}) if selection == "test_reference" else out
+    cells = _cells(out, selection)
     for r in summary[(summary.scenario == scenario) & (summary.selection == selection)].itertuples():
-        cells.setdefault(r.arch, {})[r.train_type] = {"accuracy_pct": round(r.accuracy_pct_mean, 4),
-                                                      "f1_pct": round(r.f1_pct_mean, 4)}
+        cells.setdefault(r.arch, {})[r.train_type] = {"accuracy_pct": _round(r.accuracy_pct_mean),
+                                                      "f1_pct": _round(r.f1_pct_mean)}
+    for r in paired[(paired.scenario == scenario) & (paired.selection == selection)].itertuples():
+        cells.setdefault(r.arch, {})["gain"] = {"accuracy_pct": _round(r.accuracy_pct_diff_mean),
+                                                "ci_low": _round(r.accuracy_pct_diff_ci_low),
+                                                "ci_high": _round(r.accuracy_pct_diff_ci_high)}
     return out
+
+
+def detail_metrics(summary: pd.DataFrame, paired: pd.DataFrame, ablation: pd.DataFrame, scenario: int,
+                   selection: str) -> dict[str, dict]:
+    """The metrics beyond the headline, one file each (reports/metrics_{name}.json), each under a
+    top-level key of its own so that `dvc exp show --drop`/`--keep` can take or leave a file's columns:
+
+    intervals: {"ci": {arch: {train_type: {accuracy_low, accuracy_high, f1_low, f1_high}}},
+                "paired": {arch: {p, p_smallest, n_seeds, f1_pct, f1_low, f1_high,
+                                  dark_accuracy_pct, dark_low, dark_high, dark_p}}}
+    groups:    {"worst_group": {arch: {train_type: {accuracy_pct, fitzpatrick_scale}}}}
+    ablation:  {"table5": {strategy: {light_pct, dark_pct, gap_pct, gap_low, gap_high, worst_group_pct}}}
+    """
+    intervals, groups, table5 = {}, {}, {}
+    for r in summary[(summary.scenario == scenario) & (summary.selection == selection)].itertuples():
+        _cells(intervals, selection).setdefault("ci", {}).setdefault(r.arch, {})[r.train_type] = {
+            "accuracy_low": _round(r.accuracy_pct_ci_low), "accuracy_high": _round(r.accuracy_pct_ci_high),
+            "f1_low": _round(r.f1_pct_ci_low), "f1_high": _round(r.f1_pct_ci_high)}
+        _cells(groups, selection).setdefault("worst_group", {}).setdefault(r.arch, {})[r.train_type] = {
+            "accuracy_pct": _round(r.worst_group_pct_mean),
+            "fitzpatrick_scale": int(r.worst_group_fitzpatrick_scale)}
+    for r in paired[(paired.scenario == scenario) & (paired.selection == selection)].itertuples():
+        _cells(intervals, selection).setdefault("paired", {})[r.arch] = {
+            "p": _round(r.accuracy_pct_diff_p), "p_smallest": _round(r.p_smallest), "n_seeds": int(r.n_seeds),
+            "f1_pct": _round(r.f1_pct_diff_mean), "f1_low": _round(r.f1_pct_diff_ci_low),
+            "f1_high": _round(r.f1_pct_diff_ci_high), "dark_accuracy_pct": _round(r.dark_accuracy_pct_diff_mean),
+            "dark_low": _round(r.dark_accuracy_pct_diff_ci_low), "dark_high": _round(r.dark_accuracy_pct_diff_ci_high),
+            "dark_p": _round(r.dark_accuracy_pct_diff_p)}
+    if len(ablation):
+        kept = ablation[ablation.selection != "test_reference"]
+        kept = kept if len(kept) else ablation
+        for r in kept[kept.selection == kept.selection.iloc[0]].itertuples():
+            _cells(table5, r.selection).setdefault("table5", {})[r.strategy] = {
+                "light_pct": _round(r.accuracy_pct_light_mean), "dark_pct": _round(r.accuracy_pct_dark_mean),
+                "gap_pct": _round(r.gap_light_minus_dark_mean), "gap_low": _round(r.gap_ci_low),
+                "gap_high": _round(r.gap_ci_high), "worst_group_pct": _round(r.worst_group_pct_mean)}
+    return {"intervals": intervals, "groups": groups, "ablation": table5}
 
 
 def plot_rows(summary: pd.DataFrame, scenario: int, selection: str) -> pd.DataFrame:
@@ -439,9 +606,14 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
     main, ablation = load_metrics(metrics_dir, *([ablation_dir] if ablation_dir is not None else []))
     if main.empty and ablation.empty:
         raise SkinaugError(f"no classifier metrics under {metrics_dir}: run the classify stages first")
-    summary, paired = summarise(main), paired_difference(main)
+    draws = (cfg.report.bootstrap, cfg.report.bootstrap_seed)
+    summary = summarise(main).merge(stats.row_intervals(main, KEYS, *draws), on=KEYS, how="left")
+    over_seeds, per_seed = stats.paired_tests(main, KEYS[:3], cfg.splits.dark, *draws)
+    repeated = [f"{m}_diff_mean" for m in stats.METRICS] + ["n_seeds"]
+    paired = paired_difference(main).merge(over_seeds.drop(columns=repeated), on=KEYS[:3], how="left")
+    per_seed = _sorted(per_seed)
     skin = by_skin_type(main, cfg.splits.light, cfg.splits.dark)
-    ab = ablation_table(ablation)
+    ab = ablation_table(ablation, *draws)
     honest = [s for s in SELECTION_LABELS if s != "test_reference"]
     primary = cfg.classify.selection if cfg.classify.selection in honest else "last"
     chosen = next((s for s in [cfg.classify.selection, *honest, "test_reference"]
@@ -450,7 +622,9 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
     text = ["# Results\n",
             ("All numbers are percentages on the test images. **ours**: mean ± sample standard deviation "
              "(ddof=1) over seeds, `(n=1)` for a single run; **paper (reported)**: the paper's means "
-             "(Wang et al., MICCAI ISIC 2024). Precision, recall and F1 are macro averages over the labels.\n")]
+             "(Wang et al., MICCAI ISIC 2024). Precision, recall and F1 are macro averages over the labels. "
+             f"Intervals: 95 % percentile bootstrap over the test images, {cfg.report.bootstrap:,} resamples "
+             f"(report.bootstrap, seeded by report.bootstrap_seed {cfg.report.bootstrap_seed}).\n")]
     if main.record.map(lambda r: r["profile"] != "paper").any() or ablation.record.map(lambda r: r["profile"] != "paper").any():
         text.append("_Runs from the demo profile (a small stand-in study): the paper's numbers are shown for "
                     "layout, not as a target._\n")
@@ -464,14 +638,13 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
         if selection == "test_reference" and leaky_header:
             text.append(leaky_header)
             leaky_header = ""
-        text.append(_scenario_section(scenario, selection, main, summary, paired, skin))
+        text.append(_scenario_section(scenario, selection, main, summary, paired, per_seed, skin, cfg.splits.dark))
         suffix = _suffix(selection, primary)
         runs = main[(main.scenario == scenario) & (main.selection == selection)]
         part = summary[(summary.scenario == scenario) & (summary.selection == selection)]
         atomic.write_csv(out_dir / f"table_scenario{scenario}{suffix}.csv", paper_layout(part))
         metrics_figure(part, scenario, selection, out_dir / "figures" / f"metrics_scenario{scenario}{suffix}.png")
         confusion_figure(runs, scenario, selection, out_dir / "figures" / f"confusion_scenario{scenario}{suffix}.png")
-        curves_figure(runs, scenario, selection, out_dir / "figures" / f"curves_scenario{scenario}{suffix}.png")
     for selection in _ordered(ab.selection, honest + ["test_reference"]):
         text.append(_ablation_section(ab[ab.selection == selection]))
     if any(d is not None for d in (split_dir, images_dir, syn_dir)):
@@ -485,9 +658,12 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
     atomic.write_text(out_dir / "results.md", "\n".join(text))
     atomic.write_csv(out_dir / "summary.csv", summary)
     atomic.write_csv(out_dir / "paired_difference.csv", paired)
+    atomic.write_csv(out_dir / "paired_difference_by_seed.csv", per_seed)
     atomic.write_csv(out_dir / "accuracy_by_skin_type.csv", skin)
     atomic.write_csv(out_dir / "ablation.csv", ab)
-    head = headline(summary, cfg.scenario, chosen)
+    head = headline(summary, paired, cfg.scenario, chosen)
     atomic.write_csv(out_dir / "plots" / "accuracy.csv", plot_rows(summary, cfg.scenario, chosen))
     atomic.write_json(out_dir / "metrics.json", head)
+    for name, content in detail_metrics(summary, paired, ab, cfg.scenario, chosen).items():
+        atomic.write_json(out_dir / f"metrics_{name}.json", content)
     return head

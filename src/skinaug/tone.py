@@ -119,17 +119,19 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
     groups = [(g, s) for g in GROUPS
               for s in sorted(table.loc[table.group == g, "fitzpatrick_scale"].unique())]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 4))
+    # 8 inches at 110 dpi: shown 1:1 in a markdown page; each group's name wraps onto its own lines
+    fig, ax = plt.subplots(figsize=(8, 4.4))
     ax.boxplot([table.loc[(table.group == g) & (table.fitzpatrick_scale == s), "ita"] for g, s in groups],
                showfliers=False)
-    ax.set_xticks(range(1, len(groups) + 1), [f"{g}\nFST {s}" for g, s in groups], fontsize=8)
-    ax.set_ylabel("skin ITA (degrees; lower = darker)")
+    ax.set_xticks(range(1, len(groups) + 1), [f"{g.replace(' from ', chr(10) + 'from ')}\nFST {s}" for g, s in groups],
+                  fontsize=8)
+    ax.set_ylabel("skin ITA (degrees; lower = darker)", fontsize=9)
     ax.set_title("Skin tone of real and synthetic images (synthetic: by requested type)", fontsize=10)
     ax.axhline(10, color="grey", lw=0.5, ls="--")
     ax.axhline(-30, color="grey", lw=0.5, ls="--")
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
