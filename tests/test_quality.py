@@ -16,7 +16,7 @@ from PIL import Image
 from test_classify import LABELS, small_cfg, write_study
 from torch import nn
 
-from skinaug import SkinaugError, classify, config, quality, tone
+from skinaug import SkinaugError, classify, config, quality, report, tone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,5 +291,5 @@ def test_quality_run_writes_its_tables_figures_and_headline(tmp_path):
     assert (out / "grid.png").stat().st_size > 0 and (out / "ita_vs_lesion.png").stat().st_size > 0
     md = (out / "quality.md").read_text()
     assert "Per requested skin type and label" in md and "train " in md
-    section = quality.section(tmp_path, tmp_path.parent)
-    assert f"]({tmp_path.name}/q/grid.png)" in section
+    section = report._quality_section(tmp_path, tmp_path.parent)  # results.md's quality section
+    assert f"]({tmp_path.name}/q/grid.png)" in section and "## Synthetic-image quality" in section

@@ -297,15 +297,17 @@ def select(ctx, syn_dir: Path, out_dir: Path, reference_pt: Path) -> None:
 @click.option("--syn-dir", type=ExistingPath, default=None, help="That seed's synthetic images with manifest.csv.")
 @click.option("--tone-dir", type=ExistingPath, default=None, help="`skinaug tone` output, for the skin-tone section.")
 @click.option("--ablation-dir", type=ExistingPath, default=None, help="The ablation's metrics, if not under METRICS_DIR.")
+@click.option("--quality-dir", type=ExistingPath, default=None,
+              help="`skinaug quality` outputs of the scenario, for the quality section.")
 @click.pass_context
 def report(ctx, metrics_dir: Path, out_dir: Path, split_dir: Path | None, images_dir: Path | None,
-           syn_dir: Path | None, tone_dir: Path | None, ablation_dir: Path | None) -> None:
+           syn_dir: Path | None, tone_dir: Path | None, ablation_dir: Path | None, quality_dir: Path | None) -> None:
     """Aggregate metrics over seeds into the paper's tables and figures (OUT_DIR/results.md, figures/)."""
     from skinaug import report as report_mod
 
     cfg = _cfg(ctx)
     head = report_mod.build_report(metrics_dir, out_dir, cfg, split_dir=split_dir, images_dir=images_dir, syn_dir=syn_dir,
-                                 tone_dir=tone_dir, ablation_dir=ablation_dir)
+                                 tone_dir=tone_dir, ablation_dir=ablation_dir, quality_dir=quality_dir)
     cells = head.get("test_reference", head)
     click.echo(f"report: {out_dir / 'results.md'}; scenario {head['scenario']} ({head['selection']}): "
                + ", ".join(f"{a} {t} {v['accuracy_pct']:.2f}%" for a, d in cells.items() if isinstance(d, dict)

@@ -26,8 +26,6 @@ its counts. Seconds in the demo; minutes on a GPU in the paper profile (DINOv2 o
 from __future__ import annotations
 
 import math
-import os
-import re
 import warnings
 from pathlib import Path
 
@@ -404,12 +402,3 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path, reference: Path, out_d
     atomic.write_json(metrics_json, head)
     return head
 
-
-def section(quality_dir: Path, markdown_dir: Path) -> str:
-    """Every quality.md under quality_dir (one per seed or strategy), in path order, as one markdown
-    section for a file in markdown_dir (results.md: reports/), its figure links made relative to it."""
-    parts = []
-    for f in sorted(Path(quality_dir).rglob("quality.md")):
-        rel = os.path.relpath(f.parent, markdown_dir)
-        parts.append(re.sub(r"\]\(([^)/]+\.png)\)", lambda m: f"]({rel}/{m.group(1)})", f.read_text()))
-    return "\n".join(parts)
