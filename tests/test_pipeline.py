@@ -131,7 +131,9 @@ def _stage_names(repo: Repo) -> set[str]:
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("classify.epochs", 2, {"classify_real@0-resnet18", "classify@0-resnet18-syn", "classify@0-resnet18-real_syn",
-                            *(f"ablation_classify@0-{s}" for s in STRATEGIES)}),
+                            "reference@0", "ablation_reference@0", *(f"ablation_classify@0-{s}" for s in STRATEGIES)}),
+    ("quality.nearest_k", 3, {"quality@0", *(f"ablation_quality@0-{s}" for s in STRATEGIES)}),
+    ("select.best_n", 2, {"select@0"}),
     ("generate.guidance", 3.0, {"generate@0", *(f"ablation_generate@0-{s}" for s in STRATEGIES)}),
     ("lora.rank", 4, {"lora@0", "ablation_lora@0", "ablation_lora_plain@0"}),
     # generation reads the LoRA layout: one LoRA, or one folder per label

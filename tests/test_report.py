@@ -353,3 +353,9 @@ def test_metrics_json_keeps_the_headline_and_the_rest_goes_to_files_of_their_own
     assert detail["groups"]["worst_group"]["vgg16"]["real"] == {"accuracy_pct": 55.0, "fitzpatrick_scale": 6}
     assert detail["intervals"]["paired"]["resnet18"]["p"] == pytest.approx(0.25)
     assert detail["ablation"]["table5"]["txt2img_vanilla"]["gap_pct"] == pytest.approx(-21.0)
+
+
+def test_the_quality_section_needs_the_quality_stage(tmp_path):
+    """--quality-dir without any quality.md under it: one line naming the stage to run."""
+    with pytest.raises(SkinaugError, match="run `skinaug quality`"):
+        report._quality_section(tmp_path, tmp_path)

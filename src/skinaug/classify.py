@@ -136,12 +136,22 @@ def read_split(split_dir: Path, name: str) -> pd.DataFrame:
     return data.read_table(path)
 
 
-def read_manifest(syn_dir: Path | None, train_type: str) -> pd.DataFrame | None:
+def read_manifest(syn_dir: Path | None, train_type: str, keep: Path | None = None) -> pd.DataFrame | None:
+    """The generate stage's manifest; with `keep` (the select stage's kept.csv) only the rows it keeps,
+    in the manifest's order, so keeping every row changes nothing."""
     if train_type == "real":
         return None
     if syn_dir is None or not (Path(syn_dir) / "manifest.csv").exists():
         raise SkinaugError(f"train type {train_type} needs --syn-dir with a manifest.csv (the generate stage's output)")
-    return data.read_table(Path(syn_dir) / "manifest.csv")
+    manifest = data.read_table(Path(syn_dir) / "manifest.csv")
+    if keep is None:
+        return manifest
+    kept = data.read_table(keep)
+    unknown = sorted(set(kept.file) - set(manifest.file))
+    if unknown:
+        raise SkinaugError(f"{keep} keeps {len(unknown)} image(s) not in {Path(syn_dir) / 'manifest.csv'}, "
+                           f"e.g. {unknown[0]}: re-run the select stage on this generate output")
+    return manifest[manifest.file.isin(set(kept.file))]
 
 
 def real_items(rows: pd.DataFrame, images_dir: Path) -> pd.DataFrame:
@@ -579,9 +589,11 @@ def score(y_true, y_pred, labels: list[str], fitzpatrick_scale) -> dict:
 # --- wiring --------------------------------------------------------------------------------
 
 def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[str, Path], arch: str,
-        train_type: str, cfg: Config, seed: int, on_epoch=None, live_dir: Path | None = None) -> list[dict]:
+        train_type: str, cfg: Config, seed: int, on_epoch=None, keep: Path | None = None,
+        live_dir: Path | None = None) -> list[dict]:
     """Train one classifier on split_dir/train.csv (+ synthetic images), test it on each
     {test_name}.csv of `outputs` (test name -> metrics JSON path), write and return the metrics.
+    keep: the select stage's kept.csv; only the synthetic images it lists are trained on.
 
     An interrupted run continues from its last finished epoch (resume.Work beside the first
     metrics file, kept until the metrics are written) and gives the metrics an uninterrupted one
@@ -592,7 +604,7 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     ccfg, labels = cfg.classify, list(cfg.subset.labels)
     train_rows = read_split(split_dir, "train")
     tests_rows = {name: read_split(split_dir, name) for name in outputs}
-    manifest = read_manifest(syn_dir, train_type)
+    manifest = read_manifest(syn_dir, train_type, keep)
     train_items, val_items = training_items(train_rows, manifest, train_type, images_dir, syn_dir,
                                             ccfg.selection, ccfg.val_fraction, seed)
     leaked = set(train_items.md5hash) & set().union(*(set(rows.md5hash) for rows in tests_rows.values()))
@@ -609,7 +621,8 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
                    "device": device.type,  # a checkpoint made on another card resumes; one made on the CPU does not
                    "settings": dataclasses.asdict(ccfg),
                    "splits": {name: atomic.file_hash(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
-                   "manifest": None if manifest is None else atomic.file_hash(Path(syn_dir) / "manifest.csv")}
+                   "manifest": None if manifest is None else atomic.file_hash(Path(syn_dir) / "manifest.csv"),
+                   "keep": None if keep is None or manifest is None else atomic.file_hash(keep)}
     with (resume.Work(next(iter(outputs.values())), fingerprint) as work,  # waits while another run writes it
           live.Curve(live_dir) as curve):
         _, chosen, preds = fit(model, train, val, tests, cfg, seed, desc=f"{arch} {train_type} seed {seed}",
@@ -640,3 +653,47 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
             records.append(record)
         work.discard()
     return records
+
+
+# --- the reference classifier (quality and select) -----------------------------------------
+
+def train_reference(split_dir: Path, images_dir: Path, out_path: Path, arch: str, cfg: Config, seed: int) -> dict:
+    """Train a classifier on the split's real training images only and save it (torch.save, atomic).
+
+    The recipe and seed of classify_real's `arch` classifier (classify.* settings, the same order
+    of random draws), so on one device it is that classifier. It never reads a test split: under
+    classify.selection "test_reference" it keeps the last epoch. Saved: arch, labels and the learned
+    part of the weights (_learned; a frozen pretrained backbone is rebuilt from its ImageNet file).
+    """
+    ccfg, labels = cfg.classify, list(cfg.subset.labels)
+    train_rows = read_split(split_dir, "train")
+    selection = "last" if ccfg.selection == "test_reference" else ccfg.selection
+    train_items, val_items = training_items(train_rows, None, "real", images_dir, None, selection,
+                                            ccfg.val_fraction, seed)
+    device = diffusion.pick_device(cfg.model.device)
+    torch.manual_seed(seed)
+    model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size).to(device)
+    train = load_set(train_items, labels, ccfg.image_size, device, whole=True)
+    val = None if val_items is None else load_set(val_items, labels, ccfg.image_size, device)
+    cfg = dataclasses.replace(cfg, classify=dataclasses.replace(ccfg, selection=selection))
+    curve, _, _ = fit(model, train, val, {}, cfg, seed, desc=f"reference {arch} seed {seed}")
+    chosen = min(curve, key=lambda r: r["val_loss"]) if val is not None else curve[-1]  # as fit keeps it
+    info = {"arch": arch, "labels": labels, "seed": seed, "n_train": len(train.targets),
+            "selection": selection, "chosen_epoch": chosen["epoch"]}
+    with atomic.atomic_path(out_path) as tmp:
+        torch.save({**info, "learned": {k: v.cpu() for k, v in _learned(model).items()}}, tmp)
+    return info
+
+
+def load_reference(path: Path, cfg: Config, device: torch.device) -> tuple[nn.Module, list[str]]:
+    """The classifier train_reference saved, in eval mode on `device`, and its labels."""
+    if not Path(path).exists():
+        raise SkinaugError(f"{path} not found: run the reference stage first (`dvc repro` runs it)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    labels = list(saved["labels"])
+    if labels != list(cfg.subset.labels):
+        raise SkinaugError(f"{path} was trained on labels {labels}, not subset.labels: re-run the reference stage")
+    ccfg = cfg.classify
+    model = build_classifier(saved["arch"], len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size)
+    model.load_state_dict({**model.state_dict(), **saved["learned"]})
+    return model.to(device).eval(), labels

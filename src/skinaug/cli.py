@@ -209,11 +209,14 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
 @click.option("--train-type", required=True, type=click.Choice(["real", "syn", "real_syn"]))
 @click.option("--test", "test_names", multiple=True, default=["test"], show_default=True,
               help="Split CSV(s) to test on (test, flex_light, flex_dark); with several, OUT_JSON holds {test}.")
+@click.option("--keep", type=ExistingPath, default=None,
+              help="The select stage's kept.csv: train only on the synthetic images it lists.")
 @_seed_option
 @_live_option
 @click.pass_context
 def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Path | None,
-             arch: str, train_type: str, test_names: tuple[str, ...], seed: int, live_dir: Path | None) -> None:
+             arch: str, train_type: str, test_names: tuple[str, ...], keep: Path | None, seed: int,
+             live_dir: Path | None) -> None:
     """Train one classifier and write its metrics (JSON) on each test set."""
     from skinaug import classify as classify_mod
 
@@ -222,13 +225,68 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
         raise click.UsageError("several --test sets need a {test} placeholder in OUT_JSON")
     outputs = {name: Path(str(out_json).replace("{test}", name)) for name in test_names}
     start = time.monotonic()
-    for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed,
+    for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed, keep=keep,
                               live_dir=live_dir):
         click.echo(f"classify: {arch} {train_type} seed {seed} on {m['test_name']} ({m['n_test']} images): "
                    f"accuracy {m['accuracy_pct']:.2f}%, macro F1 {m['f1_pct']:.2f}%; "
                    f"epoch {m['chosen_epoch']}/{m['epochs']} by {m['selection']['rule']} "
                    f"({m['selection']['label']}); {m['n_train']['total']} training images, "
                    f"{time.monotonic() - start:.0f} s")
+
+
+@main.command()
+@click.argument("split_dir", type=ExistingPath)
+@click.argument("images_dir", type=ExistingPath)
+@click.argument("out_pt", type=PathArg)
+@_seed_option
+@click.pass_context
+def reference(ctx, split_dir: Path, images_dir: Path, out_pt: Path, seed: int) -> None:
+    """Train the reference classifier (quality.arch, real training images only) that quality and select use."""
+    from skinaug import classify as classify_mod
+
+    cfg = _cfg(ctx)
+    info = classify_mod.train_reference(split_dir, images_dir, out_pt, cfg.quality.arch, cfg, seed)
+    click.echo(f"reference: {info['arch']} on {info['n_train']} real training images, epoch {info['chosen_epoch']} "
+               f"({info['selection']}) -> {out_pt}")
+
+
+@main.command()
+@click.argument("split_dir", type=ExistingPath)
+@click.argument("images_dir", type=ExistingPath)
+@click.argument("syn_dir", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.option("--reference", "reference_pt", type=ExistingPath, required=True, help="The reference stage's classifier.")
+@click.option("--metrics", "metrics_json", type=PathArg, required=True, help="Where the headline numbers go (JSON).")
+@click.option("--title", default="", help="What is measured, for the markdown heading (default: SYN_DIR).")
+@_seed_option
+@click.pass_context
+def quality(ctx, split_dir: Path, images_dir: Path, syn_dir: Path, out_dir: Path, reference_pt: Path,
+            metrics_json: Path, title: str, seed: int) -> None:
+    """Measure synthetic images against real ones of the requested skin type (FD, KID, precision/recall,
+    density/coverage, lesion kept, tone moved): tables, figures and quality.md in OUT_DIR."""
+    from skinaug import quality as quality_mod
+
+    cfg = _cfg(ctx)
+    head = quality_mod.run(split_dir, images_dir, syn_dir, reference_pt, out_dir, metrics_json, cfg, seed,
+                           title or str(syn_dir))
+    click.echo(f"quality: {head['n_syn']} synthetic vs {head['n_ref']} reference images ({head['features']}): "
+               + ", ".join(f"{k} {v}" for k, v in head.items() if k in quality_mod.HEADLINE) + f" -> {out_dir}")
+
+
+@main.command()
+@click.argument("syn_dir", type=ExistingPath)
+@click.argument("out_dir", type=PathArg)
+@click.option("--reference", "reference_pt", type=PathArg, required=True,
+              help="The reference stage's classifier (read only by the lesion and best_n rules).")
+@click.pass_context
+def select(ctx, syn_dir: Path, out_dir: Path, reference_pt: Path) -> None:
+    """Keep the synthetic images select.rules accept ([] keeps all): OUT_DIR/kept.csv and counts."""
+    from skinaug import select as select_mod
+
+    cfg = _cfg(ctx)
+    summary = select_mod.run(syn_dir, reference_pt, out_dir, cfg)
+    click.echo(f"select [{', '.join(cfg.select.rules)}]: kept {int(summary.kept.sum())} of "
+               f"{int(summary.generated.sum())} synthetic images -> {out_dir / 'kept.csv'}")
 
 
 @main.command()
@@ -239,15 +297,17 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
 @click.option("--syn-dir", type=ExistingPath, default=None, help="That seed's synthetic images with manifest.csv.")
 @click.option("--tone-dir", type=ExistingPath, default=None, help="`skinaug tone` output, for the skin-tone section.")
 @click.option("--ablation-dir", type=ExistingPath, default=None, help="The ablation's metrics, if not under METRICS_DIR.")
+@click.option("--quality-dir", type=ExistingPath, default=None,
+              help="`skinaug quality` outputs of the scenario, for the quality section.")
 @click.pass_context
 def report(ctx, metrics_dir: Path, out_dir: Path, split_dir: Path | None, images_dir: Path | None,
-           syn_dir: Path | None, tone_dir: Path | None, ablation_dir: Path | None) -> None:
+           syn_dir: Path | None, tone_dir: Path | None, ablation_dir: Path | None, quality_dir: Path | None) -> None:
     """Aggregate metrics over seeds into the paper's tables and figures (OUT_DIR/results.md, figures/)."""
     from skinaug import report as report_mod
 
     cfg = _cfg(ctx)
     head = report_mod.build_report(metrics_dir, out_dir, cfg, split_dir=split_dir, images_dir=images_dir, syn_dir=syn_dir,
-                                 tone_dir=tone_dir, ablation_dir=ablation_dir)
+                                 tone_dir=tone_dir, ablation_dir=ablation_dir, quality_dir=quality_dir)
     cells = head.get("test_reference", head)
     click.echo(f"report: {out_dir / 'results.md'}; scenario {head['scenario']} ({head['selection']}): "
                + ", ".join(f"{a} {t} {v['accuracy_pct']:.2f}%" for a, d in cells.items() if isinstance(d, dict)

@@ -31,6 +31,8 @@ STRATEGIES = ("img2img_ti_lora", "img2img_ti", "img2img_lora", "img2img_vanilla"
 SELECTIONS = ("last", "val", "test_reference")  # model selection rules (classify.SELECTION_LABELS)
 TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
 SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
+FEATURES = ("classifier", "dinov2")  # image features the quality measures compare (quality.EXTRACTORS)
+SELECT_RULES = ("tone", "lesion", "best_n")  # what the select stage may drop by (select.RULES)
 DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; model.device also takes cuda:K (one card, DEVICE_RE)
 DEVICE_RE = r"cuda:(\d+)"  # model.device naming card K; bench's --device stays with DEVICES
 VIT_PRETRAINED_SIZE = 224  # the only input side ImageNet vit_b_16 weights take (classify.crop_size)
@@ -163,6 +165,25 @@ class AblationConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    features: str  # "classifier" (the reference classifier's penultimate layer, offline) or "dinov2"
+    arch: str  # the reference classifier: classify_real's recipe and seed on the split's real training images
+    dinov2: str  # hub id or local folder of the DINOv2 model (features: dinov2)
+    revision: str | None  # pinned hub revision (commit hash) of that model; null = default branch
+    image_size: int  # DINOv2 input side (resize + centre crop), a multiple of its 14-pixel patch
+    nearest_k: int  # k of the k-NN manifolds of precision, recall, density and coverage (Naeem et al.: 5)
+    kid_subsets: int  # random subsets the kernel distance (KID) is averaged over
+    kid_subset_size: int  # images per KID subset; smaller groups use all their images
+    grid: int  # images per row of the best/worst grid
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    rules: list[str]  # synthetic images dropped before the classifiers: [] (the paper) or tone, lesion, best_n
+    best_n: int  # best_n: synthetic images kept per source, ranked by the reference classifier's belief in its label
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     seed: int  # the study seed whose images the tone check and the report's figures show
     bootstrap: int  # resamples of the test images behind every 95 % interval
@@ -195,6 +216,8 @@ class Config:
     generate: GenerateConfig
     classify: ClassifyConfig
     ablation: AblationConfig
+    quality: QualityConfig
+    select: SelectConfig
     report: ReportConfig
     launch: LaunchConfig
 
@@ -393,6 +416,19 @@ RULES: dict[str, Rule] = {
     "ablation.arch": _one_of(ARCHS),
     "ablation.seeds": _each(_SEED),
     "ablation.sources_per_label": _int(0),
+    "quality.features": _one_of(FEATURES),
+    "quality.arch": _one_of(ARCHS),
+    "quality.dinov2": _TEXT,
+    "quality.revision": _TEXT,
+    "quality.image_size": Rule(lambda v: v >= 14 and v % 14 == 0, "a positive multiple of 14 (DINOv2's patch)"),
+    "quality.nearest_k": _int(1),
+    "quality.kid_subsets": _int(1),
+    "quality.kid_subset_size": _int(2),  # the unbiased estimate needs two images a side
+    "quality.grid": _int(1, 32),
+    # empty allowed: the paper's protocol keeps every synthetic image
+    "select.rules": Rule(lambda v: len(set(v)) == len(v) and all(r in SELECT_RULES for r in v),
+                         "a list without repeats, each one of " + ", ".join(SELECT_RULES) + " ([] keeps every image)"),
+    "select.best_n": _int(1),
     "report.seed": _SEED,
     # a 95 % percentile interval rests on its 2.5 % tails: at 1,000 resamples, 25 draws each
     "report.bootstrap": _int(1000),
@@ -405,7 +441,7 @@ RULES: dict[str, Rule] = {
 
 def _vit_fits(c: Config) -> bool:
     """ImageNet ViT weights hold position embeddings for 224-pixel inputs; the other archs pool any size."""
-    vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch)
+    vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch, c.quality.arch)
     return not (c.classify.pretrained and vit) or c.classify.crop_size == VIT_PRETRAINED_SIZE
 
 
@@ -421,7 +457,8 @@ CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     ("classify.crop_size", lambda c: c.classify.crop_size <= c.classify.image_size,
      "at most classify.image_size ({c.classify.image_size})"),
     ("classify.crop_size", _vit_fits,
-     f"{VIT_PRETRAINED_SIZE} for pretrained vit_b_16 (classify.archs or ablation.arch), or classify.pretrained: false"),
+     f"{VIT_PRETRAINED_SIZE} for pretrained vit_b_16 (classify.archs, ablation.arch or quality.arch), "
+     "or classify.pretrained: false"),
     # img2img runs int(strength * steps) scheduler steps, and diffusers refuses zero.
     ("generate.strength", lambda c: int(c.generate.strength * c.generate.steps) >= 1,
      "at least 1 / generate.steps (1/{c.generate.steps}) so img2img runs a step"),

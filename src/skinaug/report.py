@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -598,9 +599,23 @@ def _tone_section(tone_dir: Path, out_dir: Path) -> str:
             + markdown(pd.read_csv(summary)) + f"\n\n![Skin tone of real and synthetic images]({figure})\n")
 
 
+def _quality_section(quality_dir: Path, out_dir: Path) -> str:
+    """Every quality.md under quality_dir (`skinaug quality`: one per seed), in path order, its figure
+    links made relative to out_dir, where results.md lies."""
+    pages = sorted(Path(quality_dir).rglob("quality.md"))
+    if not pages:
+        raise SkinaugError(f"no quality.md under {quality_dir}: run `skinaug quality` (the quality stage) "
+                           "before the report")
+    parts = []
+    for page in pages:
+        rel = Path(os.path.relpath(page.parent, out_dir)).as_posix()
+        parts.append(re.sub(r"\]\(([^)/]+\.png)\)", lambda m: f"]({rel}/{m.group(1)})", page.read_text()))
+    return "\n" + "\n".join(parts)
+
+
 def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path | None = None,
                  images_dir: Path | None = None, syn_dir: Path | None = None, tone_dir: Path | None = None,
-                 ablation_dir: Path | None = None) -> dict:
+                 ablation_dir: Path | None = None, quality_dir: Path | None = None) -> dict:
     """Write every table and figure into out_dir; return the headline metrics."""
     out_dir = Path(out_dir)
     main, ablation = load_metrics(metrics_dir, *([ablation_dir] if ablation_dir is not None else []))
@@ -654,6 +669,8 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
         text.append("\n![Real training images beside their synthetic versions](figures/real_vs_synthetic.png)\n")
     if tone_dir is not None:
         text.append(_tone_section(Path(tone_dir), out_dir))
+    if quality_dir is not None:
+        text.append(_quality_section(Path(quality_dir), out_dir))
 
     atomic.write_text(out_dir / "results.md", "\n".join(text))
     atomic.write_csv(out_dir / "summary.csv", summary)
