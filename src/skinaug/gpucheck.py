@@ -19,6 +19,7 @@ measured. A failed stage is recorded and the stages that do not need it still ru
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import tempfile
 import time
@@ -227,11 +228,14 @@ def run(out_dir: Path, tiny: bool = False) -> dict:
         def classifier(arch):
             def stage(d):
                 train_type = "real_syn" if check.ok("generation") else "real"  # still runs when generation failed
+                live_dir = tmp / "live" / arch  # the training curve (DVCLive), as the classify stage writes it
                 (record,) = classify.run(split, images_dir, syn_dir if train_type != "real" else None,
-                                         {"test": tmp / "metrics" / f"{arch}.json"}, arch, train_type, cfg, seed=0)
+                                         {"test": tmp / "metrics" / f"{arch}.json"}, arch, train_type, cfg, seed=0,
+                                         live_dir=live_dir)
+                last = json.loads((live_dir / "metrics.json").read_text())  # the last epoch's values
                 d.update(train_type=train_type, n_train=record["n_train"]["total"], n_test=record["n_test"],
                          epochs=record["epochs"], batch_size=cfg.classify.batch_size,
-                         crop_size=cfg.classify.crop_size, loss=_finite([record["curve"][-1]["loss"]], "loss")[0])
+                         crop_size=cfg.classify.crop_size, loss=_finite([last["train"]["loss"]], "loss")[0])
                 _expect_device(record["device"], device, arch)
             return stage
 
