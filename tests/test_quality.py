@@ -273,6 +273,9 @@ def test_quality_run_writes_its_tables_figures_and_headline(tmp_path):
     ref_pt = tmp_path / "reference.pt"
     info = classify.train_reference(paths["split_dir"], paths["images_dir"], ref_pt, "resnet18", cfg, seed=0)
     assert info["n_train"] == 3 * len(LABELS)
+    again = tmp_path / "again" / "reference.pt"  # the same work again: the same bytes (DVC compares them)
+    classify.train_reference(paths["split_dir"], paths["images_dir"], again, "resnet18", cfg, seed=0)
+    assert again.read_bytes() == ref_pt.read_bytes()
     out, metrics = tmp_path / "q", tmp_path / "metrics.json"
     head = quality.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], ref_pt, out, metrics, cfg, 0, "test")
     assert json.loads(metrics.read_text()) == head

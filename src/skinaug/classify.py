@@ -37,6 +37,7 @@ a resumed run replays its checkpoint's rows there: it too equals an uninterrupte
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -680,8 +681,11 @@ def train_reference(split_dir: Path, images_dir: Path, out_path: Path, arch: str
     chosen = min(curve, key=lambda r: r["val_loss"]) if val is not None else curve[-1]  # as fit keeps it
     info = {"arch": arch, "labels": labels, "seed": seed, "n_train": len(train.targets),
             "selection": selection, "chosen_epoch": chosen["epoch"]}
-    with atomic.atomic_path(out_path) as tmp:
-        torch.save({**info, "learned": {k: v.cpu() for k, v in _learned(model).items()}}, tmp)
+    # Saved through memory: torch.save to a path names the zip's records after that path's file name,
+    # here a temp name with a pid, so two runs of the same work would give different bytes.
+    buffer = io.BytesIO()
+    torch.save({**info, "learned": {k: v.cpu() for k, v in _learned(model).items()}}, buffer)
+    atomic.write_bytes(out_path, buffer.getvalue())
     return info
 
 
