@@ -192,6 +192,12 @@ def _outs(lock: dict, stage: str) -> list[tuple[str, str]]:
     return [(o["path"], o["md5"]) for o in lock[stage]["outs"]]
 
 
+def _model_dir(lock: dict, stage: str) -> str:
+    """The stage's one out under models/ (its DVCLive metrics file is another out)."""
+    (path, _), = [out for out in _outs(lock, stage) if out[0].startswith("models/")]
+    return path
+
+
 def _changed(repo: Repo, target: str) -> dict:
     return json.loads(repo.dvc("status", "--with-deps", target, "--json").stdout or "{}")
 
@@ -217,8 +223,10 @@ def test_two_processes_through_dvc_repro_make_the_outputs_of_one(repro):
     order), so their hashes match only when no sample's gradient is split differently."""
     repo, one = repro
     repo.compose_params(OVERRIDES + ["launch.processes=2"])
-    weights = {stage: {f.name: load_file(f) for f in sorted((repo.path / path).glob("*.safetensors"))}
-               for stage in DIFFUSION[:2] for path, _ in _outs(one, stage)}
+    weights = {stage: {f.name: load_file(f)
+                       for f in sorted((repo.path / _model_dir(one, stage)).glob("*.safetensors"))}
+               for stage in DIFFUSION[:2]}
+    assert all(weights.values()), weights  # each adapter folder holds safetensors to compare
     shutil.rmtree(repo.path / _outs(one, "generate@0")[0][0])  # persist: true, -f would resume, not redo
     times = {}
     for stage in ("generate@0", *DIFFUSION[:2]):  # generation first, from the one-process adapters
@@ -230,7 +238,8 @@ def test_two_processes_through_dvc_repro_make_the_outputs_of_one(repro):
     two = yaml.safe_load((repo.path / "dvc.lock").read_text())["stages"]
     assert _outs(two, "generate@0") == _outs(one, "generate@0")
     for stage, files in weights.items():
-        (path, _), = _outs(two, stage)
+        path = _model_dir(two, stage)
+        assert path == _model_dir(one, stage)
         assert sorted(f.name for f in (repo.path / path).glob("*.safetensors")) == sorted(files)
         for name, tensors in files.items():
             again = load_file(repo.path / path / name)
