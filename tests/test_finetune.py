@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from skinaug import SkinaugError, finetune, prompts
+from skinaug import SkinaugError, prompts
+from skinaug.diffusion import finetune
 
 LABELS = ["basal cell carcinoma", "folliculitis"]
 FSTS = [1, 2, 2, 6]  # per label: light types dominate, as in the study
@@ -157,10 +158,10 @@ def test_one_token_per_forward_pass_changes_nothing(ti_run, split, tiny_base, cf
 @pytest.mark.parametrize("templates", ["authors", "imagenet"])
 def test_ti_prompts_come_from_the_chosen_templates(split, tiny_base, cfg, tmp_path, monkeypatch, templates):
     """The authors' 11 neutral templates by default; never "a dark photo of the" unless asked for."""
-    from skinaug import diffusion
+    from skinaug.diffusion import training
 
-    seen, encode = [], diffusion.encode_prompts
-    monkeypatch.setattr(diffusion, "encode_prompts", lambda tok, te, texts: seen.extend(texts) or encode(tok, te, texts))
+    seen, encode = [], training.encode_prompts
+    monkeypatch.setattr(training, "encode_prompts", lambda tok, te, texts: seen.extend(texts) or encode(tok, te, texts))
     c = dataclasses.replace(cfg, textual_inversion=dataclasses.replace(cfg.textual_inversion, steps=20,
                                                                         templates=templates))
     finetune.train_textual_inversion(*split, tiny_base, tmp_path / "ti", c, seed=7)

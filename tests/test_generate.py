@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from skinaug import SkinaugError, atomic, config, prompts
-from skinaug import generate as G
+from skinaug.diffusion import generate as G
 
 LABELS = list(prompts.TOKENS)
 # Four sources, one per skin type, each of another label (light ones become 5 or 6).

@@ -10,7 +10,6 @@ DVCLive curves show in `dvc plots diff`.
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, sweep
+from skinaug import SkinaugError
+from skinaug.report import sweep
 from skinaug.cli import main
 
 DATA = Path(__file__).resolve().parent / "data"

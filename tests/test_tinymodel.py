@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from skinaug import prompts, tinymodel, tone, world
+from skinaug import prompts, tone
+from skinaug.demo import tinymodel, world
 
 
 def test_web_corpus_covers_every_tone_with_the_prompts_wording():
@@ -57,9 +58,9 @@ def test_pretrained_schedule_is_sd_shifted_for_the_latent_grid(pretrained):
     """Every stage reads the shifted schedule from the base folder: SNR 16x SD's on a 16 x 16 grid."""
     from diffusers import DDPMScheduler, PNDMScheduler
 
-    from skinaug import diffusion
+    from skinaug.diffusion import sd21
 
-    sd_scheduler = DDPMScheduler.from_config(diffusion.SD21_BASE_SCHEDULER)
+    sd_scheduler = DDPMScheduler.from_config(sd21.SD21_BASE_SCHEDULER)
     sd = sd_scheduler.alphas_cumprod.double()
     for kind in (DDPMScheduler, PNDMScheduler):  # training noise (textual inversion, LoRA) and sampling
         ours = kind.from_pretrained(pretrained, subfolder="scheduler").alphas_cumprod.double()

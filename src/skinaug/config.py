@@ -28,7 +28,13 @@ SCENARIOS = (1, 2, 3)
 ARCHS = ("vgg16", "resnet18", "vit_b_16")  # torchvision classifiers (classify._WEIGHTS)
 STRATEGIES = ("img2img_ti_lora", "img2img_ti", "img2img_lora", "img2img_vanilla",  # generate.STRATEGIES
               "txt2img_ti", "txt2img_vanilla")
-SELECTIONS = ("last", "val", "test_reference")  # model selection rules (classify.SELECTION_LABELS)
+SELECTION_LABELS = {  # model selection rules (classify.classifiers.fit) and how the metrics and report name them
+    "last": "last epoch",
+    "val": "lowest validation loss (real training images held out, stratified by label)",
+    "test_reference": "REFERENCE RULE: lowest TEST loss after epoch 10 (leaks the test set; not an honest estimate)",
+}
+SELECTIONS = tuple(SELECTION_LABELS)
+TRAIN_TYPES = ("real", "syn", "real_syn")  # what a classifier trains on: real images, synthetic ones, or both
 TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
 SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
 FEATURES = ("classifier", "dinov2")  # image features the quality measures compare (quality.EXTRACTORS)

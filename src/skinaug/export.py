@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinaug import SkinaugError, atomic, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, prompts
+from skinaug.data import fitzpatrick
+from skinaug.diffusion import adapters, sd21
 from skinaug.config import GenerateConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name for load_lora_weights
@@ -71,7 +73,7 @@ def token_files(ti_dir: Path, seed: int, scenario: int, base_dir: Path) -> list[
     files = sorted(Path(ti_dir).glob("*.safetensors")) if Path(ti_dir).is_dir() else []
     if not files:
         raise SkinaugError(_missing("textual-inversion tokens", ti_dir, "textual_inversion", seed, scenario))
-    return list(zip(diffusion.check_token_files(base_dir, files), files))
+    return list(zip(adapters.check_token_files(base_dir, files), files))
 
 
 def lora_files(lora_dir: Path, seed: int, scenario: int, base_dir: Path) -> dict[str, Path]:
@@ -83,12 +85,12 @@ def lora_files(lora_dir: Path, seed: int, scenario: int, base_dir: Path) -> dict
         files = {p.parent.name: p for p in sorted(lora_dir.glob(f"*/{LORA_FILE}"))}
     if not files:
         raise SkinaugError(_missing("LoRA weights", lora_dir, "lora", seed, scenario))
-    diffusion.check_lora_files(base_dir, list(files.values()))
+    adapters.check_lora_files(base_dir, list(files.values()))
     return files
 
 
 def split_summary(train_csv: Path) -> dict:
-    df = data.read_table(train_csv)
+    df = fitzpatrick.read_table(train_csv)
     counts = pd.crosstab(df["label"], df["fitzpatrick_scale"], margins=True, margins_name="total")
     counts.columns = [f"FST {c}" if c != "total" else c for c in counts.columns]
     return {"path": str(train_csv), "size": len(df), "sha256": atomic.file_hash(train_csv), "counts": counts}
@@ -199,11 +201,11 @@ def _missing(what: str, folder: Path, stage: str, seed: int, scenario: int) -> s
 
 def _base_info(base_dir: Path) -> dict:
     """Who made the base, from the folder the adapters are checked against."""
-    diffusion.check_base(base_dir)
-    if not (Path(base_dir) / diffusion.BASE_INFO).is_file():
-        raise SkinaugError(f"no {diffusion.BASE_INFO} in {base_dir} to name the base model: "
-                           f"`dvc pull {Path(base_dir) / diffusion.BASE_INFO}` fetches it, `dvc repro base` makes it")
-    return diffusion.base_info(base_dir)
+    sd21.check_base(base_dir)
+    if not (Path(base_dir) / sd21.BASE_INFO).is_file():
+        raise SkinaugError(f"no {sd21.BASE_INFO} in {base_dir} to name the base model: "
+                           f"`dvc pull {Path(base_dir) / sd21.BASE_INFO}` fetches it, `dvc repro base` makes it")
+    return sd21.base_info(base_dir)
 
 
 def _settings(path: Path) -> dict:

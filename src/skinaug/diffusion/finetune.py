@@ -53,7 +53,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skinaug import SkinaugError, atomic, data, diffusion, live, prompts, resume
+from skinaug import SkinaugError, atomic, live, prompts, resume
+from skinaug import first_line
+from skinaug.data import fitzpatrick
+from skinaug.diffusion import adapters, sd21, training
 from skinaug.config import Config, ModelConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
@@ -79,7 +82,7 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     rows = _read_train(train_csv, images_dir, cfg.subset.labels, labels, need_every_label=True)
     accelerator, dtype = _accelerator(cfg.model)
     device = accelerator.device
-    comps = diffusion.load_components(base_dir)
+    comps = sd21.load_components(base_dir)
     token_ids = _add_tokens(comps, [prompts.token(label) for label in labels], ti.init_token)
     comps.text_encoder.to(device)  # stays fp32: the trainable rows live in it
     _place(comps.unet, comps.vae, device=device, dtype=dtype, model=cfg.model)
@@ -127,8 +130,8 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
                                    step * ti.grad_accum + micro, share, ti, device) for k, share in zip(group, shares)
                          if share]
                 latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
-                context = diffusion.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
-                losses = diffusion.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise,
+                context = training.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
+                losses = training.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise,
                                                     timesteps)
                 # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
                 per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
@@ -161,7 +164,7 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
         learned = embeddings.weight.detach()[token_ids].float().cpu()
         final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
         summary = {
-            "stage": "textual_inversion", "seed": seed, "base": diffusion.base_info(base_dir),
+            "stage": "textual_inversion", "seed": seed, "base": sd21.base_info(base_dir),
             "steps": ti.steps, "lr": lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
             "final_loss_window": _LOSS_WINDOW,
             "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
@@ -243,7 +246,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
     use_tokens = ti_dir is not None and lo.use_tokens
     accelerator, dtype = _accelerator(cfg.model)
     device = accelerator.device
-    comps = diffusion.load_components(base_dir)
+    comps = sd21.load_components(base_dir)
     if use_tokens:
         _load_tokens(comps, base_dir, ti_dir, labels)
     _place(comps.unet, comps.vae, comps.text_encoder, device=device, dtype=dtype, model=cfg.model)
@@ -300,7 +303,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         bar.close()
 
         summary = {
-            "stage": "lora", "seed": seed, "base": diffusion.base_info(base_dir), "mode": lo.mode,
+            "stage": "lora", "seed": seed, "base": sd21.base_info(base_dir), "mode": lo.mode,
             "tokens": use_tokens, "ti_dir": str(ti_dir) if use_tokens else None, "steps": lo.steps,
             "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
             "final_loss_window": _LOSS_WINDOW,
@@ -369,7 +372,7 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
             latents, noise, timesteps = _noised(run.images.vae, run.noise_scheduler,
                                                 *run.images.moments(rows, [host for host, _ in gens]),
                                                 [dev for _, dev in gens])
-            losses = diffusion.denoising_losses(run.unet, run.noise_scheduler, latents,
+            losses = training.denoising_losses(run.unet, run.noise_scheduler, latents,
                                                 run.context[run.prompt_of_row[rows]], noise, timesteps)
             loss = losses.sum() / lo.batch_size  # over the whole batch: the processes' gradients add up to it
             accelerator.backward(loss)
@@ -441,21 +444,21 @@ def _load_tokens(comps, base_dir: Path, ti_dir: Path, labels: list[str]) -> None
     from diffusers import StableDiffusionPipeline
 
     files, tokens = token_files(ti_dir, labels)
-    diffusion.check_token_files(base_dir, files)
+    adapters.check_token_files(base_dir, files)
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                    unet=comps.unet, scheduler=comps.noise_scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     try:
         pipe.load_textual_inversion([str(f) for f in files], token=tokens)
     except (OSError, ValueError) as e:
-        raise SkinaugError(f"cannot load learned tokens from {ti_dir}: {diffusion.first_line(e)}") from None
+        raise SkinaugError(f"cannot load learned tokens from {ti_dir}: {first_line(e)}") from None
 
 
 @torch.no_grad()
 def _prompt_cache(comps, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
     """Encode each distinct prompt once (the text encoder is frozen): states and row -> prompt index."""
     unique = sorted(set(texts))
-    states = torch.cat([diffusion.encode_prompts(comps.tokenizer, comps.text_encoder, unique[i : i + _ENCODE_BATCH])
+    states = torch.cat([training.encode_prompts(comps.tokenizer, comps.text_encoder, unique[i : i + _ENCODE_BATCH])
                         for i in range(0, len(unique), _ENCODE_BATCH)])
     position = {text: i for i, text in enumerate(unique)}
     return states, np.array([position[t] for t in texts])
@@ -467,7 +470,7 @@ def _prompt_cache(comps, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
 def _read_train(train_csv: Path, images_dir: Path, known: list[str], labels: list[str],
                 need_every_label: bool) -> pd.DataFrame:
     """The train split's rows for `labels`, with image paths; every image must exist."""
-    df = data.read_table(train_csv)
+    df = fitzpatrick.read_table(train_csv)
     absent = {"md5hash", "label", "fitzpatrick_scale"} - set(df.columns)
     if absent:
         raise SkinaugError(f"{train_csv} lacks column(s) {', '.join(sorted(absent))}")
@@ -526,7 +529,7 @@ class _Posteriors:
 
 @torch.no_grad()
 def _moments(vae, arrays) -> tuple[torch.Tensor, torch.Tensor]:
-    return diffusion.latent_moments(vae, _to_pixels(arrays).to(vae.device))
+    return training.latent_moments(vae, _to_pixels(arrays).to(vae.device))
 
 
 class _CroppedImages:
@@ -572,8 +575,8 @@ def _noised(vae, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, generat
     """Latents, noise and timesteps, each sample's drawn from its own device generator."""
     drawn = []
     for m, s, generator in zip(mean, std, generators):
-        latent = diffusion.sample_latents(vae, m[None], s[None], generator)
-        drawn.append((latent, *diffusion.sample_noise(noise_scheduler, latent, generator)))
+        latent = training.sample_latents(vae, m[None], s[None], generator)
+        drawn.append((latent, *training.sample_noise(noise_scheduler, latent, generator)))
     return tuple(torch.cat(parts) for parts in zip(*drawn))
 
 
@@ -640,8 +643,8 @@ def _accelerator(model: ModelConfig):
     """accelerate's Accelerator for device placement, mixed precision (fp32 on CPU) and processes."""
     from accelerate import Accelerator
 
-    device = diffusion.pick_device(model.device)
-    dtype = diffusion.weight_dtype(model, device)
+    device = sd21.pick_device(model.device)
+    dtype = sd21.weight_dtype(model, device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision), dtype
 
@@ -683,4 +686,4 @@ def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: 
     model = dataclasses.asdict(cfg.model) | {"device": cfg.model.device.split(":")[0]}  # any card resumes it
     return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
             "model": model, "train_csv": atomic.file_hash(train_csv),
-            "base": diffusion.base_info(base_dir), **extra}
+            "base": sd21.base_info(base_dir), **extra}

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skinaug import SkinaugError, atomic
+from skinaug import SkinaugError, atomic, prompts
 from skinaug.config import SubsetConfig, WorldConfig
 
 # Images per label and fitzpatrick_scale in the study subset: paper Table 1, counted
@@ -503,7 +503,6 @@ _MARK_SHARE = {"lesion": 0.5}
 
 def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """n captioned photos of generic marks on skin types 1-6 (uniform): (uint8 (n,S,S,3), fsts, captions)."""
-    from skinaug import prompts
 
     rng = np.random.default_rng(seed)
     fsts = rng.integers(1, 7, n)

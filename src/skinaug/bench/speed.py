@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from skinaug import atomic, config, diffusion, prompts
-from skinaug.diffusion import SD21_BASE_SCHEDULER
+from skinaug import atomic, config, prompts
+from skinaug.diffusion import sd21, training
+from skinaug.diffusion.sd21 import SD21_BASE_SCHEDULER
 
 # --- Stable Diffusion 2.1 base, from its configs (unet/, vae/, text_encoder/config.json) ----------
 # Parameter counts: UNet 865.9 M, VAE 83.7 M, text encoder 340.4 M (checked by the tests).
@@ -254,7 +255,7 @@ def image_flops(pipe, resolution: int, per_source: int, unet_calls: int, guidanc
 
 def build_base(out_dir: Path, s: Settings, device: torch.device, seed: int = 0) -> Path:
     """A diffusers folder with random weights: the SD 2.1-base architecture, or with --tiny the tiny model."""
-    from skinaug import tinymodel
+    from skinaug.demo import tinymodel
 
     if s.tiny:
         return tinymodel.build(out_dir, seed=seed, resolution=s.resolution)
@@ -349,12 +350,12 @@ def ours_generation(cfg: config.Config, rows: list[dict], images_dir: Path, devi
     (the labelled different setting) DPM-Solver++ at fast_steps."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from skinaug import generate
+    from skinaug.diffusion import generate
 
     strategy = generate.strategy_of("img2img_vanilla")  # no adapters in either path (benchmarks/README.md)
     start = time.perf_counter()
     pipe = generate.load_pipeline(Path(cfg.model.base), strategy, {}, {}, cfg, device,
-                                  diffusion.weight_dtype(cfg.model, device))
+                                  sd21.weight_dtype(cfg.model, device))
     sync(device)
     out = {"load_s": time.perf_counter() - start, "images_per_call": len(rows)}
 
@@ -402,13 +403,13 @@ def _source(path: Path, resolution: int) -> Image.Image:
 def bench_generation(base_dir: Path, cfg: config.Config, train, images_dir: Path, s: Settings,
                      device: torch.device, ceiling: float) -> dict:
     """Reference loop and our batched call at the same sampler settings, then the faster sampler."""
-    from skinaug import diffusion, generate
+    from skinaug.diffusion import sd21, generate
 
     prompt = prompts.skin_prompt("psoriasis", 6, use_tokens=False)
     md5s = list(train.md5hash)
     sources = [_source(images_dir / f"{m}.jpg", s.resolution) for m in md5s]
     ref = reference_generation(base_dir, sources, prompt, s, device)
-    batch = generate.batch_size(cfg, device, diffusion.weight_dtype(cfg.model, device))
+    batch = generate.batch_size(cfg, device, sd21.weight_dtype(cfg.model, device))
     rows = generation_rows(md5s, max(batch, s.per_source * min(s.ref_sources, 2)), s.per_source, prompt)
     ours = ours_generation(cfg, rows, images_dir, device, s.fast_steps)
     fast = ours.pop("fast")
@@ -600,7 +601,7 @@ def ours_textual_inversion(cfg: config.Config, train_csv: Path, images_dir: Path
                            s: Settings, device: torch.device) -> dict:
     """Our joint run over all seven tokens (finetune.train_textual_inversion), and the cost of
     caching one more image's VAE posteriors (what a larger split adds to the fixed cost)."""
-    from skinaug import finetune
+    from skinaug.diffusion import finetune
 
     ti = cfg.textual_inversion
     images = len(cfg.subset.labels) * ti.batch_size * ti.grad_accum
@@ -614,11 +615,11 @@ def _caching_cost(cfg: config.Config, images_dir: Path, device: torch.device) ->
     and the VAE posterior of both flips (diffusion.latent_moments), 8 images per call."""
     from diffusers import AutoencoderKL
 
-    from skinaug import diffusion
+    from skinaug.diffusion import sd21
 
     res = cfg.model.resolution
     vae = AutoencoderKL.from_pretrained(cfg.model.base, subfolder="vae").to(
-        device, diffusion.weight_dtype(cfg.model, device))
+        device, sd21.weight_dtype(cfg.model, device))
     paths = sorted(Path(images_dir).glob("*.jpg"))[:8]
 
     @torch.no_grad()
@@ -629,7 +630,7 @@ def _caching_cost(cfg: config.Config, images_dir: Path, device: torch.device) ->
                 array = np.asarray(im.convert("RGB").resize((res, res), Image.BICUBIC))
             arrays += [array, array[:, ::-1]]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        diffusion.latent_moments(vae, pixels.to(device))
+        training.latent_moments(vae, pixels.to(device))
 
     seconds = timed(cache, device, warmup=1)
     del vae
@@ -640,7 +641,7 @@ def _caching_cost(cfg: config.Config, images_dir: Path, device: torch.device) ->
 def ours_lora(cfg: config.Config, train_csv: Path, images_dir: Path, out_dir: Path, s: Settings,
               device: torch.device) -> dict:
     """Our LoRA run (finetune.train_lora, joint, at the reference's batch size)."""
-    from skinaug import finetune
+    from skinaug.diffusion import finetune
 
     return _ours_run(lambda cb: finetune.train_lora(train_csv, images_dir, Path(cfg.model.base), None, out_dir, cfg,
                                                     seed=0, on_step=cb), device, s, cfg.lora.batch_size)
@@ -667,23 +668,23 @@ def bench_classifiers(archs, images_dir: Path, s: Settings, device: torch.device
     backbone, reference head, batch 256, 224 px). The reference's loop runs the same model but
     decodes and augments every image on the CPU every epoch; its rate is estimated as the slower
     of the model's and REFERENCE_LOADER_WORKERS cores' decoding (measured per core, labelled)."""
-    from skinaug import classify
+    from skinaug.classify import classifiers
 
     n = s.classifier_batch * s.classifier_batches
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, s.classifier_size, s.classifier_size), dtype=torch.uint8, generator=g)
-    data = classify.ImageSet(images.to(device), (torch.arange(n) % 7).to(device), None)
-    warm = classify.ImageSet(data.images[:s.classifier_batch], data.targets[:s.classifier_batch], None)
+    data = classifiers.ImageSet(images.to(device), (torch.arange(n) % 7).to(device), None)
+    warm = classifiers.ImageSet(data.images[:s.classifier_batch], data.targets[:s.classifier_batch], None)
     out = {}
     for arch in archs:
-        model = classify.build_classifier(arch, 7, pretrained=False, freeze_backbone=True,
+        model = classifiers.build_classifier(arch, 7, pretrained=False, freeze_backbone=True,
                                           image_size=s.classifier_crop).to(device)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        epoch = functools.partial(classify.train_one_epoch, model, batch_size=s.classifier_batch,
+        epoch = functools.partial(classifiers.train_one_epoch, model, batch_size=s.classifier_batch,
                                   optimizer=optimizer, crop_size=s.classifier_crop, generator=g)
         epoch(warm)
         seconds = timed(lambda: epoch(data), device)
-        eval_s = timed(lambda: classify.evaluate(model, data, s.classifier_batch, s.classifier_crop), device, warmup=1)
+        eval_s = timed(lambda: classifiers.evaluate(model, data, s.classifier_batch, s.classifier_crop), device, warmup=1)
         out[arch] = {"train_images_per_s": n / seconds, "eval_images_per_s": n / eval_s}
         del model, optimizer
         release()
@@ -799,7 +800,7 @@ def run(out_dir: Path, tiny: bool = False, device: str = "auto", only: tuple[str
     diffusers folder instead of random weights (a real model makes the faster sampler's image
     differences meaningful).
     """
-    dev = diffusion.pick_device(device)
+    dev = sd21.pick_device(device)
     s = settings or (TINY if tiny else FULL)
     study = Study.of(cfg)
     unknown = sorted(set(only) - set(WORKLOADS))
@@ -813,7 +814,7 @@ def run(out_dir: Path, tiny: bool = False, device: str = "auto", only: tuple[str
     with tempfile.TemporaryDirectory(prefix="skinaug-bench-") as tmp:
         tmp = Path(tmp)
         with _stage("model and stand-in data"):
-            base_dir = diffusion.check_base(base) if base else build_base(tmp / "base", s, dev)
+            base_dir = sd21.check_base(base) if base else build_base(tmp / "base", s, dev)
             train, images_dir = write_train_split(tmp / "split", s)
         ours_cfg = ours_config(cfg, s, dev, base_dir)
         precision = ours_cfg.model.mixed_precision

@@ -34,9 +34,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, classify, data, stats
-from skinaug.classify import ARCHS, SELECTION_LABELS, TRAIN_TYPES
-from skinaug.config import Config
+from skinaug import SkinaugError, atomic
+from skinaug.classify import scoring
+from skinaug.data import fitzpatrick
+from skinaug.report import stats
+from skinaug.config import ARCHS, SELECTION_LABELS, TRAIN_TYPES, Config
 
 METRICS = {"accuracy_pct": "Accuracy", "precision_pct": "Precision", "recall_pct": "Recall", "f1_pct": "F1"}
 ARCH_NAMES = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "vit_b_16": "ViT-B-16"}
@@ -106,11 +108,11 @@ def read_predictions(metrics_path: Path, record: dict) -> pd.DataFrame:
     """The per-image predictions beside a classifier's metrics file (classify.predictions_path), as
     class ids (true, pred) beside md5hash and fitzpatrick_scale; they must give the record's accuracy."""
     again = "re-run its classify stage (`dvc repro`)"
-    path = classify.predictions_path(metrics_path)
+    path = scoring.predictions_path(metrics_path)
     if not path.is_file():
         raise SkinaugError(f"{path} not found beside {metrics_path.name} (metrics older than the per-image "
                            f"predictions?): {again}")
-    table = data.read_table(path)
+    table = fitzpatrick.read_table(path)
     labels = record["labels"]
     unknown = sorted((set(table.label) | set(table.predicted)) - set(labels))
     if unknown or len(table) != record["n_test"]:
@@ -469,8 +471,8 @@ def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[
                  per_source: int = 5) -> None:
     """The paper's Fig. 2: per label, one real training image (the lightest skin type available)
     beside its synthetic versions."""
-    train = data.read_table(Path(split_dir) / "train.csv")
-    manifest = data.read_table(Path(syn_dir) / "manifest.csv")
+    train = fitzpatrick.read_table(Path(split_dir) / "train.csv")
+    manifest = fitzpatrick.read_table(Path(syn_dir) / "manifest.csv")
     chosen = []
     for label in labels:
         rows = train[(train.label == label) & train.md5hash.isin(manifest.source_md5hash)]

@@ -30,7 +30,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, config, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, config, prompts
+from skinaug import first_line
+from skinaug.data import fitzpatrick
+from skinaug.diffusion import adapters, sd21
 from skinaug.config import Config
 
 
@@ -140,16 +143,16 @@ def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, c
     loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan, base_dir) if s.lora else {}
     if s.img2img:
         _check_sources(plan, Path(images_dir))
-    device = diffusion.pick_device(cfg.model.device)
+    device = sd21.pick_device(cfg.model.device)
     if state is None:
         from accelerate import PartialState
 
         state = PartialState(cpu=device.type == "cpu")  # cpu: gloo between CPU processes under a launcher
     if device.type == "cuda" and state.num_processes > 1:
         device = torch.device("cuda", state.local_process_index)
-    dtype = diffusion.weight_dtype(cfg.model, device)
+    dtype = sd21.weight_dtype(cfg.model, device)
     pipe = load_pipeline(base_dir, s, tokens, loras, cfg, device, dtype)
-    info = diffusion.base_info(base_dir)
+    info = sd21.base_info(base_dir)
     manifest = plan.assign(base=info["base"], base_revision=info["revision"],
                            ti_sha256=_sha256(list(tokens.values()), ti_dir),
                            lora_sha256=_sha256(list(loras.values()), lora_dir))
@@ -190,7 +193,7 @@ def load_pipeline(base_dir: Path, s: Strategy, tokens: dict[str, Path], loras: d
     """The base model's img2img (or txt2img) pipeline with its own scheduler and the adapters loaded."""
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-    c = diffusion.load_components(base_dir, device, dtype)
+    c = sd21.load_components(base_dir, device, dtype)
     cls = StableDiffusionImg2ImgPipeline if s.img2img else StableDiffusionPipeline
     pipe = cls.from_pretrained(  # reads only the scheduler: the base model's own (PNDM for SD 2.1 base)
         base_dir, tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae, unet=c.unet,
@@ -206,7 +209,7 @@ def load_pipeline(base_dir: Path, s: Strategy, tokens: dict[str, Path], loras: d
             where = str(file)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # past the checks of _token_files, _lora_files
-        raise SkinaugError(f"cannot load adapters from {where}: {diffusion.first_line(e)}") from None
+        raise SkinaugError(f"cannot load adapters from {where}: {first_line(e)}") from None
     if cfg.model.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -263,7 +266,7 @@ def synthesize(pipe, s: Strategy, rows: list[dict], images_dir: Path | None, cfg
 
 def _read_train(train_csv: Path) -> pd.DataFrame:
     try:
-        train = data.read_table(train_csv)
+        train = fitzpatrick.read_table(train_csv)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise SkinaugError(f"cannot read {train_csv}: {e}") from None
     absent = [c for c in ("md5hash", "label", "fitzpatrick_scale") if c not in train.columns]
@@ -309,7 +312,7 @@ def _token_files(ti_dir: Path, plan: pd.DataFrame, base_dir: Path) -> dict[str, 
     """token -> its file, for the labels in the plan (a file holds {token: vector}, else is named after it);
     every file in ti_dir must fit the base (diffusion.check_token_files)."""
     paths = sorted(ti_dir.glob("*.safetensors"))
-    names = diffusion.check_token_files(base_dir, paths)
+    names = adapters.check_token_files(base_dir, paths)
     found = {name if name.startswith("<") else f"<{path.stem}>": path for name, path in zip(names, paths)}
     needed = sorted({prompts.token(label) for label in plan.label})
     absent = [t for t in needed if t not in found]
@@ -354,7 +357,7 @@ def _lora_files(lora_dir: Path, mode: str, plan: pd.DataFrame, base_dir: Path) -
     absent = [f for f in files.values() if not f.is_file()]
     if absent:
         raise SkinaugError(f"LoRA weights not found: {absent[0]} (lora.mode is {mode})")
-    diffusion.check_lora_files(base_dir, list(files.values()))
+    adapters.check_lora_files(base_dir, list(files.values()))
     return files
 
 
