@@ -122,7 +122,9 @@ def test_ours_runs_the_paper_profile_whatever_params_say(repo_cfg, tmp_path, mon
 
 
 def test_study_sizes_come_from_paper_params_only(repo_cfg):
-    assert speed.Study.of(repo_cfg) == speed.Study()  # the demo profile's numbers are not the study's
+    study = speed.Study.of(repo_cfg)  # the demo profile's numbers are not the study's: conf/'s paper profile
+    assert study == speed.Study.of(config.compose("paper")) and study.ti_steps != repo_cfg.textual_inversion.steps
+    assert (study.seeds, study.tokens, study.train_images[1], study.test_images[1]) == (5, 7, 1519, 56)
     paper = config.replace(repo_cfg, profile="paper",
                            textual_inversion=config.replace(repo_cfg.textual_inversion, steps=400, grad_accum=2))
     study = speed.Study.of(paper)

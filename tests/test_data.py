@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, cli, config
+from skinaug import SkinaugError, cli, config, hashing, paper
 from skinaug.data import fitzpatrick
 from skinaug.demo import world
 
@@ -34,7 +34,7 @@ def _check_table1_counts(df: pd.DataFrame) -> None:
     assert df["fitzpatrick_scale"].value_counts().to_dict() == FST_TOTALS
     assert df["label"].value_counts().to_dict() == LABEL_TOTALS
     cross = pd.crosstab(df["label"], df["fitzpatrick_scale"])
-    assert {label: {int(k): int(v) for k, v in row.items()} for label, row in cross.iterrows()} == world.TABLE1_COUNTS
+    assert {label: {int(k): int(v) for k, v in row.items()} for label, row in cross.iterrows()} == paper.TABLE1_COUNTS
 
 
 # --- the real metadata ---------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_tampered_metadata_is_refused(fitz_csv, tmp_path):
     with pytest.raises(SkinaugError) as err:
         fitzpatrick.load_metadata(copy, PINNED_MD5)
     message = str(err.value)
-    assert PINNED_MD5 in message and atomic.file_hash(copy, "md5") in message and "dvc update data.dvc" in message
+    assert PINNED_MD5 in message and hashing.file_digest(copy, "md5") in message and "dvc update data.dvc" in message
 
 
 def test_real_subset_command_drops_unknown_skin_type(fitz_csv, params_file, tmp_path):
@@ -75,7 +75,7 @@ def test_real_subset_command_drops_unknown_skin_type(fitz_csv, params_file, tmp_
 
 def test_load_metadata_checks_md5_and_columns(world_dir, tmp_path):
     path = world_dir / "metadata.csv"
-    good = atomic.file_hash(path, "md5")
+    good = hashing.file_digest(path, "md5")
     assert len(fitzpatrick.load_metadata(path, good)) == 1631
     with pytest.raises(SkinaugError, match="expected 0{32}"):
         fitzpatrick.load_metadata(path, "0" * 32)

@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from skinaug import SkinaugError, cli
-from skinaug.data import fitzpatrick
 from skinaug.config import DataConfig, DownloadConfig
+from skinaug.data import fitzpatrick
 
 FAST = DownloadConfig(workers=4, timeout_s=0.5, retries=1, backoff_s=0.01)
 

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from skinaug import SkinaugError, config
-from skinaug.bench import speed, gpucheck
+from skinaug.bench import gpucheck, speed
 from skinaug.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

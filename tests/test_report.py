@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from PIL import Image
 from test_classify import ROOT, small_cfg, write_study
 
-from skinaug import SkinaugError, atomic, config
+from skinaug import SkinaugError, atomic, config, paper
 from skinaug.classify import classifiers, scoring
-from skinaug.report import results
 from skinaug.cli import main
+from skinaug.report import results
 
 SEEDS = (0, 42, 123)
 REAL_ACC = {0: 50, 42: 60, 123: 70}  # mean 60, sample std 10 (population std would be 8.16)
@@ -95,7 +95,7 @@ def write_ablation(metrics_dir: Path, template: dict, folder: str = "scenario1/a
     """Two seeds (dvc.yaml: {folder}/seed{S}/{strategy}_{test}.json): light 20 + i (+2), dark 40 + 2i (+4)."""
     sel = {"rule": "last", "label": config.SELECTION_LABELS["last"], "honest": True}
     for seed, shift in ABLATION_SHIFT.items():
-        for i, strategy in enumerate(results.PAPER_ABLATION):
+        for i, strategy in enumerate(paper.ABLATION):
             for test_name, acc, types in (("flex_light", 20 + i + shift, (1, 2)),
                                           ("flex_dark", 40 + 2 * i + 2 * shift, (5, 6))):
                 write_run(metrics_dir / folder / f"seed{seed}" / f"{strategy}_{test_name}.json", template,
@@ -232,7 +232,7 @@ def test_ablation_from_its_own_folder_beside_another_scenario(study, tmp_path):
     assert head["scenario"] == 2
     text = (tmp_path / "out" / "results.md").read_text()
     assert "## Ablation (Table 5): scenario 1" in text and "## Scenario 2" in text
-    assert len(pd.read_csv(tmp_path / "out" / "ablation.csv")) == len(results.PAPER_ABLATION)
+    assert len(pd.read_csv(tmp_path / "out" / "ablation.csv")) == len(paper.ABLATION)
 
 
 def test_one_seed_and_missing_runs_are_marked_not_blank(study, tmp_path):

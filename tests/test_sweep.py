@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from skinaug import SkinaugError
-from skinaug.report import sweep
 from skinaug.cli import main
+from skinaug.report import sweep
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -192,8 +192,8 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
              ti_dir: Path | None, lora_dirs: tuple[Path, ...], strategy: str | None, sources_per_label: int,
              seed: int) -> None:
     """Synthesise dark-skin versions of every training image (img2img); resumes where it stopped."""
-    from skinaug.diffusion import generate as generate_mod
     from skinaug import launch
+    from skinaug.diffusion import generate as generate_mod
 
     cfg = _cfg(ctx)
     if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate

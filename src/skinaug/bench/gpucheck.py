@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from skinaug import SkinaugError, atomic, config, prompts
-from skinaug import first_line
+from skinaug import SkinaugError, atomic, config, first_line, prompts
 from skinaug.bench import speed
 from skinaug.diffusion import sd21
 
@@ -263,11 +262,11 @@ def _batched_vs_single(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir
                        cfg: config.Config, s: Smoke, device: torch.device) -> dict:
     """The first compare_rows rows of the generation plan in one call and one call each, through the
     stage's own pipeline (tokens and LoRA loaded); their difference, and that between different seeds."""
-    from skinaug.diffusion import finetune, generate
+    from skinaug.diffusion import adapters, generate
 
     strategy = generate.strategy_of(STRATEGY)
-    files, tokens = finetune.token_files(ti_dir, cfg.subset.labels)
-    pipe = generate.load_pipeline(base_dir, strategy, dict(zip(tokens, files)), finetune.lora_files(lora_dir), cfg,
+    files, tokens = adapters.token_files(ti_dir, cfg.subset.labels)
+    pipe = generate.load_pipeline(base_dir, strategy, dict(zip(tokens, files)), adapters.trained_loras(lora_dir), cfg,
                                   device, sd21.weight_dtype(cfg.model, device))
     _expect_device(pipe.device, device, "generation")
     rows = generate.make_plan(train_csv, cfg, 0, STRATEGY).head(s.compare_rows).to_dict("records")

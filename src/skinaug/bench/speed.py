@@ -31,7 +31,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from skinaug import atomic, config, prompts
+from skinaug import atomic, config, paper, prompts
+from skinaug.data import trainset
 from skinaug.diffusion import sd21, training
 from skinaug.diffusion.sd21 import SD21_BASE_SCHEDULER
 
@@ -105,30 +106,31 @@ WORKLOADS = ("generation", "ti", "lora", "classifiers")
 
 @dataclass(frozen=True)
 class Study:
-    """The paper profile's whole study (SPEC §2-5): what the GPU-hour estimate multiplies."""
-    seeds: int = 5
-    tokens: int = 7
-    ti_steps: int = 500  # optimiser updates per token
-    ti_images_per_step: int = 16  # batch 4 x gradient accumulation 4, per token
-    lora_steps: int = 3000
-    lora_batch: int = 4
-    per_source: int = 5
-    train_images: dict = field(default_factory=lambda: {1: 1519, 2: 1284, 3: 1228})  # per scenario (SPEC §2)
-    test_images: dict = field(default_factory=lambda: {1: 56, 2: 291, 3: 291})
-    classifier_archs: tuple[str, ...] = ("vgg16", "resnet18", "vit_b_16")
-    classifier_epochs: int = 30  # an epoch draws as many images as the training set holds
+    """The paper profile's whole study (SPEC §2-5): what the GPU-hour estimate multiplies (Study.of)."""
+    seeds: int
+    tokens: int
+    ti_steps: int  # optimiser updates per token
+    ti_images_per_step: int  # batch x gradient accumulation, per token
+    lora_steps: int
+    lora_batch: int
+    per_source: int
+    train_images: dict  # per scenario (paper.SPLIT_SIZES)
+    test_images: dict
+    classifier_archs: tuple[str, ...]
+    classifier_epochs: int  # an epoch draws as many images as the training set holds
 
     @classmethod
     def of(cls, cfg: config.Config | None) -> Study:
-        """The SPEC's numbers, or params' when params are the paper profile."""
-        study = cls()
+        """The paper profile's numbers: params' when params are the paper profile, else conf/'s."""
         if cfg is None or cfg.profile != "paper":
-            return study
+            cfg = paper_config()
         ti, cl = cfg.textual_inversion, cfg.classify
-        return replace(study, seeds=len(cfg.splits.seeds), tokens=len(cfg.subset.labels), ti_steps=ti.steps,
-                       ti_images_per_step=ti.batch_size * ti.grad_accum, lora_steps=cfg.lora.steps,
-                       lora_batch=cfg.lora.batch_size, per_source=cfg.generate.per_source,
-                       classifier_archs=tuple(cl.archs), classifier_epochs=cl.epochs)
+        return cls(seeds=len(cfg.splits.seeds), tokens=len(cfg.subset.labels), ti_steps=ti.steps,
+                   ti_images_per_step=ti.batch_size * ti.grad_accum, lora_steps=cfg.lora.steps,
+                   lora_batch=cfg.lora.batch_size, per_source=cfg.generate.per_source,
+                   train_images={sc: n for sc, (n, _) in paper.SPLIT_SIZES.items()},
+                   test_images={sc: n for sc, (_, n) in paper.SPLIT_SIZES.items()},
+                   classifier_archs=tuple(cl.archs), classifier_epochs=cl.epochs)
 
 
 REFERENCE_LOADER_WORKERS = 4  # ASSUMED DataLoader workers decoding images for the reference classifiers
@@ -394,20 +396,14 @@ def image_difference(a: list, b: list) -> dict:
             "mean_colour": float(np.abs(x.mean((1, 2)) - y.mean((1, 2))).mean()), "mean_abs_ita": float(np.mean(ita))}
 
 
-def _source(path: Path, resolution: int) -> Image.Image:
-    """A source image as the reference (and generate.py) feed it: RGB, bilinear to a square."""
-    with Image.open(path) as im:
-        return im.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
-
-
 def bench_generation(base_dir: Path, cfg: config.Config, train, images_dir: Path, s: Settings,
                      device: torch.device, ceiling: float) -> dict:
     """Reference loop and our batched call at the same sampler settings, then the faster sampler."""
-    from skinaug.diffusion import sd21, generate
+    from skinaug.diffusion import generate, sd21
 
     prompt = prompts.skin_prompt("psoriasis", 6, use_tokens=False)
     md5s = list(train.md5hash)
-    sources = [_source(images_dir / f"{m}.jpg", s.resolution) for m in md5s]
+    sources = [trainset.open_image(images_dir / f"{m}.jpg", s.resolution) for m in md5s]
     ref = reference_generation(base_dir, sources, prompt, s, device)
     batch = generate.batch_size(cfg, device, sd21.weight_dtype(cfg.model, device))
     rows = generation_rows(md5s, max(batch, s.per_source * min(s.ref_sources, 2)), s.per_source, prompt)

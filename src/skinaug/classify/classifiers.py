@@ -54,11 +54,12 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic, live, resume
-from skinaug.data import fitzpatrick, splits
-from skinaug.diffusion import sd21
+from skinaug import SkinaugError, atomic, hashing, live, resume
+from skinaug.classify.archs import ARCHITECTURES
 from skinaug.classify.scoring import predictions_path, score
 from skinaug.config import ARCHS, SELECTION_LABELS, TRAIN_TYPES, Config
+from skinaug.data import fitzpatrick, splits
+from skinaug.diffusion import sd21
 
 REFERENCE_AFTER_EPOCH = 10  # the reference keeps the best test-loss epoch only after this one
 CROP_SCALE = (0.8, 1.0)  # the reference's RandomResizedCrop(scale=...): share of the image's area kept
@@ -66,8 +67,6 @@ CROP_RATIO = (3 / 4, 4 / 3)  # its default ratio range (width / height of the bo
 ROTATION_DEGREES = 15  # the reference's RandomRotation(15)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_WEIGHTS = {"vgg16": "VGG16_Weights", "resnet18": "ResNet18_Weights", "vit_b_16": "ViT_B_16_Weights"}
-assert set(_WEIGHTS) == set(ARCHS), "config.py names the allowed values"
 
 
 # --- the network ---------------------------------------------------------------------------
@@ -81,8 +80,9 @@ def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backb
     """
     if arch not in ARCHS:
         raise SkinaugError(f"unknown classifier {arch!r}; choose one of {', '.join(ARCHS)}")
-    kwargs = {"image_size": image_size} if arch == "vit_b_16" and not pretrained else {}
-    weights = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1 if pretrained else None
+    row = ARCHITECTURES[arch]
+    kwargs = {"image_size": image_size} if row.sized and not pretrained else {}
+    weights = getattr(torchvision.models, row.weights).IMAGENET1K_V1 if pretrained else None
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file a RuntimeError
@@ -91,12 +91,8 @@ def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backb
         raise SkinaugError(_weights_message(arch, weights.url, e)) from e
     if freeze_backbone:
         model.requires_grad_(False)  # the head below is new, so it alone trains
-    if arch == "vgg16":
-        model.classifier[6] = reference_head(model.classifier[6].in_features, num_classes)
-    elif arch == "resnet18":
-        model.fc = reference_head(model.fc.in_features, num_classes)
-    else:
-        model.heads.head = reference_head(model.heads.head.in_features, num_classes)
+    parent, _, name = row.head.rpartition(".")
+    setattr(model.get_submodule(parent), name, reference_head(model.get_submodule(row.head).in_features, num_classes))
     return model
 
 
@@ -589,9 +585,9 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     fingerprint = {"arch": arch, "train_type": train_type, "seed": seed, "labels": labels,
                    "device": device.type,  # a checkpoint made on another card resumes; one made on the CPU does not
                    "settings": dataclasses.asdict(ccfg),
-                   "splits": {name: atomic.file_hash(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
-                   "manifest": None if manifest is None else atomic.file_hash(Path(syn_dir) / "manifest.csv"),
-                   "keep": None if keep is None or manifest is None else atomic.file_hash(keep)}
+                   "splits": {name: hashing.file_digest(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
+                   "manifest": None if manifest is None else hashing.file_digest(Path(syn_dir) / "manifest.csv"),
+                   "keep": None if keep is None or manifest is None else hashing.file_digest(keep)}
     with (resume.Work(next(iter(outputs.values())), fingerprint) as work,  # waits while another run writes it
           live.Curve(live_dir) as curve):
         _, chosen, preds = fit(model, train, val, tests, cfg, seed, desc=f"{arch} {train_type} seed {seed}",

@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from skinaug import SkinaugError, atomic, tone
 from skinaug.classify import classifiers
+from skinaug.config import FEATURES, Config
 from skinaug.data import fitzpatrick
 from skinaug.diffusion import sd21
-from skinaug.config import FEATURES, Config
 
 REFERENCE_SPLITS = ("train", "flex_light", "flex_dark")  # where reference images may come from; never test
 EVAL_BATCH = 64  # images per forward pass (memory only: eval mode, no batch statistics)

@@ -25,12 +25,11 @@ import pandas as pd
 
 from skinaug import SkinaugError, atomic, tone
 from skinaug.classify import classifiers, quality
+from skinaug.config import SELECT_RULES, Config
 from skinaug.data import fitzpatrick
 from skinaug.diffusion import sd21
-from skinaug.config import SELECT_RULES, Config
 
-RULES = ("tone", "lesion", "best_n")  # the order rules apply in
-assert set(RULES) == set(SELECT_RULES), "config.py names the allowed values"
+RULES = SELECT_RULES  # config.py lists them in the order they apply
 
 
 def measures(manifest: pd.DataFrame, syn_dir: Path, reference: Path, rules: list[str], cfg: Config) -> pd.DataFrame:

@@ -24,7 +24,7 @@ import requests
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic
+from skinaug import SkinaugError, atomic, hashing
 from skinaug.config import DataConfig, DownloadConfig, SubsetConfig
 
 COLUMNS = ["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
@@ -50,7 +50,7 @@ def load_metadata(path: str | Path, md5: str | None) -> pd.DataFrame:
     if not path.exists():
         raise SkinaugError(f"{path} not found; fetch the pinned metadata with `dvc update data.dvc`")
     if md5 is not None:
-        actual = atomic.file_hash(path, "md5")
+        actual = hashing.file_digest(path, "md5")
         if actual != md5:
             raise SkinaugError(
                 f"{path} has md5 {actual}, expected {md5} (data.metadata_md5): not the pinned file. "

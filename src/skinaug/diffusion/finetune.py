@@ -53,13 +53,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skinaug import SkinaugError, atomic, live, prompts, resume
-from skinaug import first_line
-from skinaug.data import fitzpatrick
-from skinaug.diffusion import adapters, sd21, training
+from skinaug import SkinaugError, first_line, hashing, live, prompts, resume
 from skinaug.config import Config, ModelConfig
+from skinaug.data import trainset
+from skinaug.diffusion import adapters, sd21, training
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 _ENCODE_BATCH = 16  # images per VAE call when caching posteriors
 _LOSS_WINDOW = 10  # final loss = mean over the last this-many steps (one step's loss is noisy)
 _TI, _LORA = 0, 1  # phase keys of the counter-based seeds
@@ -87,7 +85,7 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     comps.text_encoder.to(device)  # stays fp32: the trainable rows live in it
     _place(comps.unet, comps.vae, device=device, dtype=dtype, model=cfg.model)
     size = (cfg.model.resolution, cfg.model.resolution)  # bicubic resize to a square, no crop (the reference's)
-    images = [[_open_image(p).resize(size, Image.BICUBIC) for p in rows.path[rows.label == label]]
+    images = [[trainset.open_image(p).resize(size, Image.BICUBIC) for p in rows.path[rows.label == label]]
               for label in labels]  # decoded up front: a broken image fails before anything is written
     posteriors = [_Posteriors(comps.vae, lambda key, im=im: _flipped(im[key[0]], key[1])) for im in images]
     samplers = [_Shuffled(len(im), (seed, _TI, _key(cfg, label))) for label, im in zip(labels, images)]
@@ -104,7 +102,7 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     optimizer = accelerator.prepare_optimizer(optimizer)
 
     fingerprint = _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels)
-    names = [f"loss/{_token_name(prompts.token(label))}" for label in labels]
+    names = [f"loss/{adapters.name(label)}" for label in labels]
     with (resume.Work(out_dir, fingerprint, accelerator) as work,  # waits while another run writes out_dir
           live.Curve(live_dir, accelerator.is_main_process) as curve):
         state = work.state
@@ -173,8 +171,8 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
         for i, label in enumerate(labels):
             token = prompts.token(label)
             if accelerator.is_main_process:
-                save_file({token: learned[i : i + 1].contiguous()}, work.path / _token_file(token))
-            summary["tokens"][label] = {"token": token, "file": _token_file(token), "images": len(images[i]),
+                save_file({token: learned[i : i + 1].contiguous()}, work.path / adapters.token_file(label))
+            summary["tokens"][label] = {"token": token, "file": adapters.token_file(label), "images": len(images[i]),
                                         "final_loss": float(final[i])}
         if accelerator.is_main_process:
             (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -210,29 +208,6 @@ def _add_tokens(comps, tokens: list[str], init_token: str) -> list[int]:
     return ids
 
 
-def token_files(ti_dir: Path, labels: list[str]) -> tuple[list[Path], list[str]]:
-    """The learned token files of `labels` in ti_dir, and their tokens (for pipe.load_textual_inversion)."""
-    tokens = [prompts.token(label) for label in labels]
-    files = [Path(ti_dir) / _token_file(token) for token in tokens]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise SkinaugError(f"{len(missing)} learned token file(s) missing (first: {missing[0]}); "
-                           "run `skinaug textual_inversion` first")
-    return files, tokens
-
-
-def _token_name(token: str) -> str:
-    """'<bas-class>' -> 'bas-class': the token's file and folder name."""
-    return token.strip("<>")
-
-
-def _token_file(token: str) -> str:
-    return _token_name(token) + ".safetensors"
-
-
-# --- LoRA ----------------------------------------------------------------------------------
-
-
 def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path | None, out_dir: Path, cfg: Config,
                seed: int, *, checkpoint_every: int | None = None, on_step=None, live_dir: Path | None = None) -> dict:
     """Fine-tune the UNet with LoRA (text encoder frozen): one joint LoRA, or one per label.
@@ -262,7 +237,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         jobs = [(label, np.flatnonzero(rows.label.to_numpy() == label)) for label in labels]
 
     fingerprint = _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
-                               ti=sorted(atomic.file_hash(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
+                               ti=sorted(hashing.file_digest(f) for f in adapters.token_files(ti_dir, labels)[0]) if use_tokens
                                else None)
     with (resume.Work(out_dir, fingerprint, accelerator) as work,  # waits while another run writes out_dir
           live.Curve(live_dir, accelerator.is_main_process) as curve):
@@ -276,7 +251,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         for j, (label, members) in enumerate(jobs):
             if j < state["job"]:
                 continue
-            name = "joint" if label is None else label
+            name = adapters.JOINT if label is None else label
             sampler = (_Shuffled(len(members), (seed, _LORA, j)) if label is None
                        else _Balanced(rows.fitzpatrick_scale.to_numpy()[members]))
 
@@ -292,11 +267,11 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
 
             history = _lora_job(run, members, sampler, (seed, _LORA, j), state if state.get("step") else None,
                                 checkpoint, log, bar, on_step)
-            folder = work.path if label is None else work.path / _token_name(prompts.token(label))
+            weights = adapters.lora_file(work.path, adapters.JOINT if label is None else adapters.name(label))
             if accelerator.is_main_process:
-                _save_lora(accelerator.unwrap_model(run.unet), folder)
+                _save_lora(accelerator.unwrap_model(run.unet), weights.parent)
             state = {"job": j + 1, "done": {**state["done"], name: {
-                "file": str((folder / LORA_FILE).relative_to(work.path)), "images": len(members),
+                "file": str(weights.relative_to(work.path)), "images": len(members),
                 "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}},
                 "curves": {**state["curves"], name: history}}
             work.save(state)
@@ -395,7 +370,7 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
 
 def _loss_name(job: str) -> str:
     """A LoRA's loss curve in DVCLive: loss/joint, or loss/<token name> for a label's own LoRA."""
-    return f"loss/{job if job == 'joint' else _token_name(prompts.token(job))}"
+    return f"loss/{job if job == adapters.JOINT else adapters.name(job)}"
 
 
 def _save_lora(unet, folder: Path) -> None:
@@ -409,7 +384,7 @@ def _save_lora(unet, folder: Path) -> None:
     adapter["target_modules"] = sorted(adapter["target_modules"])  # a set in peft: listed in hash order
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
                                               unet_lora_adapter_metadata=adapter)
-    _sort_metadata(folder / LORA_FILE)
+    _sort_metadata(folder / adapters.LORA_FILE)
 
 
 def _sort_metadata(path: Path) -> None:
@@ -432,18 +407,11 @@ def _sort_metadata(path: Path) -> None:
         f.write(text.ljust(size))
 
 
-def lora_files(lora_dir: Path) -> dict[str | None, Path]:
-    """The LoRA file(s) train_lora wrote: {None: file} (joint) or {label: file} (per_label)."""
-    summary = json.loads((Path(lora_dir) / "lora.json").read_text())
-    return {None if name == "joint" else name: Path(lora_dir) / entry["file"]
-            for name, entry in summary["loras"].items()}
-
-
 def _load_tokens(comps, base_dir: Path, ti_dir: Path, labels: list[str]) -> None:
     """Learned tokens into tokenizer and text encoder through diffusers' own loader, once they fit the base."""
     from diffusers import StableDiffusionPipeline
 
-    files, tokens = token_files(ti_dir, labels)
+    files, tokens = adapters.token_files(ti_dir, labels)
     adapters.check_token_files(base_dir, files)
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                    unet=comps.unet, scheduler=comps.noise_scheduler, safety_checker=None,
@@ -470,10 +438,7 @@ def _prompt_cache(comps, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
 def _read_train(train_csv: Path, images_dir: Path, known: list[str], labels: list[str],
                 need_every_label: bool) -> pd.DataFrame:
     """The train split's rows for `labels`, with image paths; every image must exist."""
-    df = fitzpatrick.read_table(train_csv)
-    absent = {"md5hash", "label", "fitzpatrick_scale"} - set(df.columns)
-    if absent:
-        raise SkinaugError(f"{train_csv} lacks column(s) {', '.join(sorted(absent))}")
+    df = trainset.read(train_csv)
     unknown = sorted(set(df.label) - set(known))
     if unknown:
         raise SkinaugError(f"{train_csv} has label(s) not in subset.labels: {', '.join(unknown)}")
@@ -487,14 +452,6 @@ def _read_train(train_csv: Path, images_dir: Path, known: list[str], labels: lis
         raise SkinaugError(f"{len(missing)} of {len(df)} images listed in {train_csv} are missing "
                            f"(first: {missing[0]})")
     return df
-
-
-def _open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SkinaugError(f"cannot read image {path}: {e}") from None
 
 
 def _to_pixels(arrays) -> torch.Tensor:
@@ -542,7 +499,7 @@ class _CroppedImages:
 
     def __init__(self, vae, paths, resolution: int):
         self.vae, self.resolution = vae, resolution
-        self.pixels = [self._resize(_open_image(path)) for path in paths]  # a broken image fails here
+        self.pixels = [self._resize(trainset.open_image(path)) for path in paths]  # a broken image fails here
         self.square = _Posteriors(vae, lambda i: self.pixels[i])
         self.cached = sum(a.shape[0] == a.shape[1] for a in self.pixels)
 
@@ -685,5 +642,5 @@ def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: 
     section = cfg.textual_inversion if stage == "textual_inversion" else cfg.lora
     model = dataclasses.asdict(cfg.model) | {"device": cfg.model.device.split(":")[0]}  # any card resumes it
     return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
-            "model": model, "train_csv": atomic.file_hash(train_csv),
+            "model": model, "train_csv": hashing.file_digest(train_csv),
             "base": sd21.base_info(base_dir), **extra}

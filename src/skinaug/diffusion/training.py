@@ -1,10 +1,8 @@
 """Training pieces both fine-tuning phases share: prompt encoding, latents, seeded noise, the one denoising loss."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
-
 
 
 def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

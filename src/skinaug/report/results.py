@@ -34,30 +34,21 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
-from skinaug import SkinaugError, atomic
+from skinaug import SkinaugError, atomic, paper
 from skinaug.classify import scoring
-from skinaug.data import fitzpatrick
-from skinaug.report import stats
+from skinaug.classify.archs import ARCHITECTURES
 from skinaug.config import ARCHS, SELECTION_LABELS, TRAIN_TYPES, Config
+from skinaug.data import fitzpatrick
+from skinaug.diffusion.strategies import STRATEGIES
+from skinaug.report import stats
 
 METRICS = {"accuracy_pct": "Accuracy", "precision_pct": "Precision", "recall_pct": "Recall", "f1_pct": "F1"}
-ARCH_NAMES = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "vit_b_16": "ViT-B-16"}
+ARCH_NAMES = {arch: row.title for arch, row in ARCHITECTURES.items()}
 TRAIN_NAMES = {"real": "real", "syn": "syn", "real_syn": "real+syn"}
 SCENARIOS = {1: "train dark non-flexible + light non-flexible → test dark flexible",
              2: "train dark flexible + light non-flexible → test dark non-flexible",
              3: "train light non-flexible → test dark non-flexible"}
-PAPER_TABLE = {1: "Table 2", 2: "Table 3", 3: "Table 4"}
-# Paper accuracy, mean over 5 repeats (SPEC §5): real, syn, real+syn.
-PAPER_ACCURACY = {
-    1: {"vgg16": (70.24, 75.00, 77.98), "resnet18": (68.45, 69.05, 71.36), "vit_b_16": (70.38, 74.19, 78.65)},
-    2: {"vgg16": (58.79, 62.86, 63.66), "resnet18": (50.31, 56.36, 61.33), "vit_b_16": (62.03, 68.83, 71.20)},
-    3: {"vgg16": (55.58, 57.62, 58.08), "resnet18": (49.42, 53.47, 56.50), "vit_b_16": (57.66, 58.94, 60.96)},
-}
-# Paper Table 5 (SPEC §6): accuracy on the light / dark flexible 56, VGG-16 trained on syn only.
-PAPER_ABLATION = {"txt2img_vanilla": (18.80, 21.22), "txt2img_ti": (35.36, 44.64), "img2img_vanilla": (48.21, 69.64),
-                  "img2img_ti": (46.43, 71.43), "img2img_lora": (52.00, 73.21), "img2img_ti_lora": (53.57, 79.57)}
-STRATEGY_NAMES = {"txt2img_vanilla": "txt2img vanilla", "txt2img_ti": "txt2img TI", "img2img_vanilla": "img2img vanilla",
-                  "img2img_ti": "img2img TI", "img2img_lora": "img2img LoRA", "img2img_ti_lora": "img2img TI+LoRA"}
+STRATEGY_NAMES = {name: row.title for name, row in STRATEGIES.items()}
 KEYS = ["scenario", "selection", "arch", "train_type"]
 
 
@@ -75,7 +66,7 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def paper_accuracy(scenario: int, arch: str, train_type: str) -> float:
-    return PAPER_ACCURACY.get(scenario, {}).get(arch, (np.nan,) * 3)[TRAIN_TYPES.index(train_type)]
+    return paper.ACCURACY.get(scenario, {}).get(arch, (np.nan,) * 3)[TRAIN_TYPES.index(train_type)]
 
 
 # --- reading and aggregating ---------------------------------------------------------------
@@ -195,12 +186,12 @@ def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0
         per_seed = g.pivot_table(index="seed", columns="test_name", values="accuracy_pct")
         light = per_seed.get("flex_light", pd.Series(np.nan, index=per_seed.index))
         dark = per_seed.get("flex_dark", pd.Series(np.nan, index=per_seed.index))
-        paper = PAPER_ABLATION.get(strategy, (np.nan, np.nan))
+        reported = paper.ABLATION.get(strategy, (np.nan, np.nan))
         sizes = g.groupby("test_name").record.first().map(lambda r: r["n_test"])
         row = {"selection": selection, "strategy": strategy, "scenario": g.scenario.iloc[0],
                "n_test": " / ".join(f"{k} {v}" for k, v in sizes.items()), "arch": g.arch.iloc[0],
                "n_seeds": len(per_seed), "seeds": " ".join(map(str, sorted(per_seed.index))),
-               "paper_accuracy_pct_light": paper[0], "paper_accuracy_pct_dark": paper[1]}
+               "paper_accuracy_pct_light": reported[0], "paper_accuracy_pct_dark": reported[1]}
         for name, values in (("accuracy_pct_light", light), ("accuracy_pct_dark", dark),
                              ("gap_light_minus_dark", light - dark)):
             row |= {f"{name}_mean": values.mean(), f"{name}_std": values.std()}
@@ -215,7 +206,7 @@ def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0
                 "worst_group_pct_std": np.std([a for _, a in worst], ddof=1) if len(worst) > 1 else np.nan,
                 "worst_group_fitzpatrick_scale": stats.most_frequent(w for w, _ in worst)}
         rows.append(row)
-    order = {s: i for i, s in enumerate(PAPER_ABLATION)}
+    order = {s: i for i, s in enumerate(paper.ABLATION)}
     out = pd.DataFrame(rows, columns=columns)
     return out.sort_values("strategy", key=lambda s: s.map(lambda x: order.get(x, len(order))), kind="stable")
 
@@ -257,8 +248,8 @@ def paper_beside_ours(summary: pd.DataFrame, scenario: int) -> pd.DataFrame:
         row = {"Model": ARCH_NAMES.get(arch, arch)}
         for t in TRAIN_TYPES:
             s = summary[(summary.arch == arch) & (summary.train_type == t)]
-            paper = paper_accuracy(scenario, arch, t)
-            row[f"{TRAIN_NAMES[t]} paper (reported)"] = "–" if np.isnan(paper) else f"{paper:.2f}"
+            reported = paper_accuracy(scenario, arch, t)
+            row[f"{TRAIN_NAMES[t]} paper (reported)"] = "–" if np.isnan(reported) else f"{reported:.2f}"
             row[f"{TRAIN_NAMES[t]} ours"] = cell(*s[["accuracy_pct_mean", "accuracy_pct_std", "n_seeds"]].iloc[0]) if len(s) else "–"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -276,7 +267,7 @@ def _scenario_section(scenario: int, selection: str, main, summary, paired, per_
     out = [f"## Scenario {scenario}: {SCENARIOS.get(scenario, '')}\n", facts]
     if len(paired):
         out.append(dark_sentence(scenario, paired, per_seed, dark) + "\n")
-    out += [f"### {PAPER_TABLE.get(scenario, 'Table')} layout — ours\n", markdown(paper_layout(summary)),
+    out += [f"### {paper.TABLES.get(scenario, 'Table')} layout — ours\n", markdown(paper_layout(summary)),
             "\n### Accuracy: paper (reported) beside ours\n", markdown(paper_beside_ours(summary, scenario)),
             "\n### How sure, and for whom: 95 % intervals over the test images, worst-served skin type\n",
             "Mean over seeds [95 % percentile bootstrap interval: each seed's test images drawn with replacement, "
@@ -427,8 +418,8 @@ def metrics_figure(summary: pd.DataFrame, scenario: int, selection: str, path: P
             ax.bar(x + (i - 1) * width, s[f"{m}_mean"], width, yerr=s[f"{m}_std"].fillna(0), capsize=3,
                    color=COLOURS[t], label=f"ours {TRAIN_NAMES[t]}")
             if m == "accuracy_pct":
-                paper = [paper_accuracy(scenario, a, t) for a in archs]
-                ax.plot(x + (i - 1) * width, paper, "k_", markersize=14, mew=2,
+                reported = [paper_accuracy(scenario, a, t) for a in archs]
+                ax.plot(x + (i - 1) * width, reported, "k_", markersize=14, mew=2,
                         label="paper (reported)" if i == 0 else None)
         ax.set(title=name, xticks=x, xticklabels=[ARCH_NAMES.get(a, a) for a in archs], ylim=(0, 100))
     for ax in axes[::2]:
