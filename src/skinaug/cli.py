@@ -209,7 +209,7 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
 @click.argument("out_json", type=PathArg)
 @click.option("--syn-dir", type=ExistingPath, default=None, help="Synthetic images with manifest.csv (syn, real_syn).")
 @click.option("--arch", type=click.Choice(config.ARCHS), required=True, help="Classifier architecture.")
-@click.option("--train-type", required=True, type=click.Choice(["real", "syn", "real_syn"]))
+@click.option("--train-type", required=True, type=click.Choice(config.TRAIN_TYPES))
 @click.option("--test", "test_names", multiple=True, default=["test"], show_default=True,
               help="Split CSV(s) to test on (test, flex_light, flex_dark); with several, OUT_JSON holds {test}.")
 @click.option("--keep", type=ExistingPath, default=None,

@@ -95,7 +95,7 @@ def model_card(*, bundle: Path, tokens: list[tuple[str, str]], lora_names: list[
     label_of = {t: label for label, t in prompts.TOKENS.items()}
     first = tokens[0][0]
     prompt = (prompts.skin_prompt(label_of[first], max(prompts.TONES), use_tokens) if first in label_of
-              else prompts.LORA_TEMPLATE.format(condition=first, tone=prompts.TONES[max(prompts.TONES)]))
+              else prompts.skin_text(first, max(prompts.TONES)))
     lines = [
         f"# skinaug adapters: scenario {scenario}, seed {seed}",
         "",

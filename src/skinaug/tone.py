@@ -6,7 +6,7 @@ A lesion is not skin, so the estimate uses the pixels closest to the image's dom
 colour (the half of the pixels nearest the median L*a*b*), which ignores a lesion
 covering less than about half the image.
 
-    skinaug tone data/splits/scenario1/seed0 data/images data/synthetic/scenario1/seed0 reports/tone
+    skinaug tone data/splits/scenario1/seed0 data/images reports/tone --syn-dir data/synthetic/scenario1/seed0
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@ One call trains one classifier and writes its test metrics as JSON, and beside i
 image's predicted label ({stem}.predictions.csv, for the report's bootstrap intervals):
 
     skinaug classify data/splits/scenario1/seed0 data/images metrics/scenario1/seed0/vgg16_real_syn.json \
-        --syn-dir data/syn/scenario1/seed0 --arch vgg16 --train-type real_syn --seed 0
+        --syn-dir data/synthetic/scenario1/seed0 --keep data/selected/scenario1/seed0/kept.csv \
+        --arch vgg16 --train-type real_syn --seed 0 \
+        --live-dir dvclive/scenario1/seed0/vgg16_real_syn
+    skinaug reference data/splits/scenario1/seed0 data/images models/scenario1/seed0/reference.pt --seed 0
 
 The reference recipe: a torchvision backbone (frozen) with a small head, log-softmax + NLL,
 Adam, StepLR(epochs // 3, 0.1), a class-balanced WeightedRandomSampler and the reference

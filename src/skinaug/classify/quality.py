@@ -1,7 +1,8 @@
 """What the generator made, measured per requested skin type and label (issue 17).
 
     skinaug quality data/splits/scenario1/seed0 data/images data/synthetic/scenario1/seed0 \
-        reports/quality/scenario1/seed0 --reference models/scenario1/seed0/reference.pt --seed 0
+        reports/quality/scenario1/seed0 --reference models/scenario1/seed0/reference.pt \
+        --metrics reports/quality/scenario1/metrics_seed0.json --title "scenario 1, seed 0" --seed 0
 
 Against a reference set of real images of the requested skin type (never the test split):
 

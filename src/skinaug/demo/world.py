@@ -508,6 +508,5 @@ def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, li
         img = _paint(skin, layers, lesion_colours(fsts[rows], rng))
         pixels[rows] = photograph(img, layers.get("height", np.zeros(u.shape, np.float32)), rng)
     article = {"freckles": "", "bruise": "a ", "mole": "a ", "rash": "a ", "scar": "a ", "lesion": "a "}
-    captions = [prompts.LORA_TEMPLATE.format(condition=article[m] + m, tone=prompts.TONES[int(f)])
-                for m, f in zip(marks, fsts)]
+    captions = [prompts.skin_text(article[m] + m, f) for m, f in zip(marks, fsts)]
     return pixels, fsts, captions

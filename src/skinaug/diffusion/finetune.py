@@ -1,7 +1,9 @@
 """Textual Inversion, then LoRA: the two fine-tuning stages of the generator (SPEC §3).
 
-    skinaug textual_inversion data/splits/seed0 data/world/images models/base models/seed0/ti --seed 0
-    skinaug lora data/splits/seed0 data/world/images models/base models/seed0/lora --ti-dir models/seed0/ti --seed 0
+    skinaug textual_inversion data/splits/scenario1/seed0 data/images models/base models/scenario1/seed0/ti \
+        --seed 0 --live-dir dvclive/scenario1/seed0/ti
+    skinaug lora data/splits/scenario1/seed0 data/images models/base models/scenario1/seed0/lora \
+        --ti-dir models/scenario1/seed0/ti --seed 0 --live-dir dvclive/scenario1/seed0/lora
 
 Outputs (built in a hidden `.{out}.partial` folder beside out_dir with the checkpoints, renamed into
 place only when complete: resume.Work; stock diffusers loaders read them):
@@ -16,7 +18,7 @@ inversion a row per textual_inversion.log_every updates, loss/<token name> the m
 token's losses over them; LoRA the same per lora.log_every, loss/joint or loss/<token name> (per_label).
 A resumed run replays the checkpoint's losses there, so its curve is an uninterrupted run's.
 
-Demo profile (tiny model, 1,519 images, 60 steps each, 2 CPU cores): about 20 s per stage.
+Demo profile (tiny model, 1,519 images; textual_inversion.steps 100, lora.steps 200; 2 CPU cores): minutes per stage.
 
 More than one GPU: `launch.processes: 4` (params) runs the same commands under accelerate (launch.py;
 data parallel; the result of one process up to float rounding), as by hand would:
@@ -129,7 +131,7 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
                          if share]
                 latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
                 context = training.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
-                losses = training.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise,
+                losses = training.denoising_loss_per_image(comps.unet, comps.noise_scheduler, latents, context, noise,
                                                     timesteps)
                 # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
                 per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
@@ -347,7 +349,7 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
             latents, noise, timesteps = _noised(run.images.vae, run.noise_scheduler,
                                                 *run.images.moments(rows, [host for host, _ in gens]),
                                                 [dev for _, dev in gens])
-            losses = training.denoising_losses(run.unet, run.noise_scheduler, latents,
+            losses = training.denoising_loss_per_image(run.unet, run.noise_scheduler, latents,
                                                 run.context[run.prompt_of_row[rows]], noise, timesteps)
             loss = losses.sum() / lo.batch_size  # over the whole batch: the processes' gradients add up to it
             accelerator.backward(loss)
@@ -470,7 +472,7 @@ class _Posteriors:
 
     Sampling a latent from kept moments is the very draw vae.encode(...).latent_dist.sample()
     makes, so reuse is exact; encoding on first use means never more VAE calls than encoding
-    every step (the demo's 60 steps touch fewer images than the split holds).
+    every step (a short run, like the demo's, touches fewer images than the split holds).
     """
 
     def __init__(self, vae, pixels_of):

@@ -1,7 +1,7 @@
 """Synthetic images (SPEC §4, §6): img2img from every training image, resumable, one manifest.
 
-    skinaug generate data/splits/scenario1/seed0 data/images models/base data/syn/scenario1/seed0 \\
-        --ti-dir models/ti/scenario1/seed0 --lora-dir models/lora/scenario1/seed0 --seed 0
+    skinaug generate data/splits/scenario1/seed0 data/images models/base data/synthetic/scenario1/seed0 \\
+        --ti-dir models/scenario1/seed0/ti --lora-dir models/scenario1/seed0/lora --seed 0
     dvc exp run -S launch.processes=4    # the same run on 4 GPUs: the stage relaunches under accelerate (launch.py)
 
 The plan (one row per synthetic image: source, target skin type, prompt, seed) is a pure

@@ -5,12 +5,6 @@ import torch
 import torch.nn.functional as F
 
 
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents (a sample of the VAE posterior, as training does)."""
-    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator)
-    return latents * vae.config.scaling_factor
-
-
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids.to(text_encoder.device)
@@ -25,7 +19,7 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
     Noise and timesteps are drawn from `generator` so a run is reproducible.
     """
     noise, timesteps = sample_noise(noise_scheduler, latents, generator, noise_offset)
-    return denoising_losses(unet, noise_scheduler, latents, encoder_hidden_states, noise, timesteps).mean()
+    return denoising_loss_per_image(unet, noise_scheduler, latents, encoder_hidden_states, noise, timesteps).mean()
 
 
 def sample_noise(noise_scheduler, latents: torch.Tensor, generator: torch.Generator | None = None,
@@ -44,7 +38,7 @@ def sample_noise(noise_scheduler, latents: torch.Tensor, generator: torch.Genera
     return noise, timesteps
 
 
-def denoising_losses(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+def denoising_loss_per_image(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                      noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE of the denoising objective for given noise and timesteps (shape [batch]).
 
@@ -68,7 +62,7 @@ def latent_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def sample_latents(vae, mean: torch.Tensor, std: torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents drawn from cached posterior moments: the same draw as `encode_images`.
+    """Scaled latents drawn from cached posterior moments: the same draw as vae.encode(pixels).latent_dist.sample() scaled.
 
     DiagonalGaussianDistribution.sample is mean + std * randn_tensor(generator), so
     sampling from moments cached once per image equals encoding the image again.

@@ -1,7 +1,8 @@
 """Metrics files -> the paper's tables and figures, ours beside the paper's (SPEC §5–7).
 
     skinaug report metrics/scenario1 reports --ablation-dir metrics/ablation \
-        --split-dir data/splits/scenario1/seed0 --images-dir data/images --syn-dir data/syn/scenario1/seed0
+        --split-dir data/splits/scenario1/seed0 --images-dir data/images --syn-dir data/synthetic/scenario1/seed0 \
+        --tone-dir reports/tone --quality-dir reports/quality/scenario1
 
 Reads every classifier JSON under metrics_dir (and the ablation dir):
     seed{seed}/{arch}_{train_type}.json     the main study (Tables 2–4)
@@ -45,7 +46,7 @@ from skinaug.report import stats
 METRICS = {"accuracy_pct": "Accuracy", "precision_pct": "Precision", "recall_pct": "Recall", "f1_pct": "F1"}
 ARCH_NAMES = {arch: row.title for arch, row in ARCHITECTURES.items()}
 TRAIN_NAMES = {"real": "real", "syn": "syn", "real_syn": "real+syn"}
-SCENARIOS = {1: "train dark non-flexible + light non-flexible → test dark flexible",
+SCENARIO_CAPTIONS = {1: "train dark non-flexible + light non-flexible → test dark flexible",
              2: "train dark flexible + light non-flexible → test dark non-flexible",
              3: "train light non-flexible → test dark non-flexible"}
 STRATEGY_NAMES = {name: row.title for name, row in STRATEGIES.items()}
@@ -264,7 +265,7 @@ def _scenario_section(scenario: int, selection: str, main, summary, paired, per_
     facts = (f"Model selection: **{SELECTION_LABELS[selection]}** · {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) · "
              f"test set {', '.join(sorted(set(runs.test_name)))} ({int(runs.record.iloc[0]['n_test'])} images) · "
              f"profile {', '.join(sorted({r['profile'] for r in runs.record}))}\n")
-    out = [f"## Scenario {scenario}: {SCENARIOS.get(scenario, '')}\n", facts]
+    out = [f"## Scenario {scenario}: {SCENARIO_CAPTIONS.get(scenario, '')}\n", facts]
     if len(paired):
         out.append(dark_sentence(scenario, paired, per_seed, dark) + "\n")
     out += [f"### {paper.TABLES.get(scenario, 'Table')} layout — ours\n", markdown(paper_layout(summary)),
@@ -425,7 +426,7 @@ def metrics_figure(summary: pd.DataFrame, scenario: int, selection: str, path: P
     for ax in axes[::2]:
         ax.set_ylabel("% on the test set\n(mean ± sample std over seeds)", fontsize=9)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=MIN_FONT_PT + 1)
-    fig.suptitle(f"Scenario {scenario}: {SCENARIOS.get(scenario, '')}\nselection: {SELECTION_LABELS[selection]}",
+    fig.suptitle(f"Scenario {scenario}: {SCENARIO_CAPTIONS.get(scenario, '')}\nselection: {SELECTION_LABELS[selection]}",
                  fontsize=10)
     _save(fig, path)
 
