@@ -13,12 +13,13 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
-from test_classify import LABELS, small_cfg, write_study
 from torch import nn
 
 from skinaug import SkinaugError, config, tone
 from skinaug.classify import classifiers, quality
 from skinaug.report import results
+
+from test_classifiers import LABELS, small_cfg, write_study
 
 ROOT = Path(__file__).resolve().parents[1]
 

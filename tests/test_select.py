@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import PIL.Image
 import pytest
-from test_classify import LABELS, small_cfg, write_study
 from test_quality import RightByConstruction, uniform_study
 
 from skinaug import SkinaugError, config, tone
 from skinaug.classify import classifiers, select
 from skinaug.data import fitzpatrick
+
+from test_classifiers import LABELS, small_cfg, write_study
 
 
 def with_rules(cfg: config.Config, rules: list[str], best_n: int = 1) -> config.Config:

@@ -15,6 +15,9 @@ Expect on an H200 (../shared/BENCHMARKS.md): the reference generation loop at ab
 2.4 images/s, 27 % of the bf16 matmul rate; identical-settings generation cannot beat it by
 more than about 3.7x. Training figures are per update; end-to-end TI and the study estimate
 add the measured model loading and caching costs (see study_estimate).
+
+Over 300 lines: each reference implementation sits beside ours so that the two are timed alike;
+it is set apart from the method (nothing in the pipeline imports bench/).
 """
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ folder beside the metrics file) and writes exactly the metrics an uninterrupted 
 metrics hold no timing (the command prints it), so they are a pure function of the inputs.
 The training curve goes to a DVCLive folder (--live-dir; skinaug.live), one row per epoch, and
 a resumed run replays its checkpoint's rows there: it too equals an uninterrupted run's.
+
+Over 300 lines: building, feeding, training and resuming a classifier share the ImageSet and the
+checkpoint; the architectures are rows of classify/archs.py, metrics classify/scoring.py's.
 """
 from __future__ import annotations
 

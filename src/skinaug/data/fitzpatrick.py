@@ -1,4 +1,4 @@
-"""Metadata, study subset and images (SPEC §1); the demo world is in world.py.
+"""Metadata, study subset and images (SPEC §1); the demo world is in demo/world.py.
 
 Stages (dvc.yaml runs them; by hand, from the repository root):
 
@@ -10,6 +10,9 @@ Stages (dvc.yaml runs them; by hand, from the repository root):
 the demo world (world.py) is drawn with exactly those counts per label and skin
 type, so every later stage sees the study's sizes either way. `images` copies from a local folder
 (data.images_dir) or downloads the `url` column, resuming where it stopped.
+
+One module, over 300 lines, for one idea: the dataset's own file and images, read, checked and
+collected with one set of column names and one refusal style (train.csv readers: data/trainset.py).
 """
 from __future__ import annotations
 

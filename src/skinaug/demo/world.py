@@ -5,6 +5,9 @@
 Same columns as Fitzpatrick17k and exactly the paper's Table 1 counts. The drawing
 pieces (skin per tone, lesion per label, the photograph) are reused by the web
 corpus the tiny demo base model is pretrained on.
+
+Over 300 lines for one idea: the drawing functions of the demo world (skin, lesions, the
+photograph, the web corpus share them); only the demo profile runs it.
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ from its usual batch: a resumed run's images are an uninterrupted run's, on a GP
 only the missing ones, and process 0 writes manifest.csv last, after checking every planned file
 exists. A second run on the same out_dir (another `dvc exp` worker) waits for the first
 (atomic.locked), so neither deletes the other's files.
+
+One module, over 300 lines, for one idea: a resumable, deterministic run of one plan; the strategies
+are rows of diffusion/strategies.py, the adapters' files diffusion/adapters.py's.
 """
 from __future__ import annotations
 

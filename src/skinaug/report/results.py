@@ -22,6 +22,9 @@ table_scenario{S}.csv, paired_difference.csv, paired_difference_by_seed.csv,
 accuracy_by_skin_type.csv, ablation.csv, metrics.json (the short headline for `dvc exp show`),
 metrics_intervals.json, metrics_groups.json, metrics_ablation.json (the rest, one top-level key
 each), plots/accuracy.csv (for `dvc plots`) and figures/*.png (8 in wide at 110 dpi: shown 1:1).
+
+Over 300 lines: the tables, sentences and figures of results.md are laid out together so that
+they agree; its statistics are report/stats.py's (moving the figures out is still open, issue 16).
 """
 from __future__ import annotations
 

@@ -19,12 +19,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
-from test_classify import ROOT, small_cfg, write_study
 
 from skinaug import SkinaugError, atomic, config, paper
 from skinaug.classify import classifiers, scoring
 from skinaug.cli import main
 from skinaug.report import results
+
+from test_classifiers import ROOT, small_cfg, write_study
 
 SEEDS = (0, 42, 123)
 REAL_ACC = {0: 50, 42: 60, 123: 70}  # mean 60, sample std 10 (population std would be 8.16)
