@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from skinaug import config
 from skinaug.bench import speed
 from skinaug.cli import main
+from skinaug.diffusion import sd21
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,8 +103,8 @@ def test_sd21_base_configs_give_the_real_parameter_counts():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):  # shapes only: no memory, no init time
-        models = (UNet2DConditionModel(**speed.SD21_BASE_UNET), AutoencoderKL(**speed.SD21_BASE_VAE),
-                  CLIPTextModel(CLIPTextConfig(**speed.SD21_BASE_TEXT_ENCODER)))
+        models = (UNet2DConditionModel(**sd21.SD21_BASE_UNET), AutoencoderKL(**sd21.SD21_BASE_VAE),
+                  CLIPTextModel(CLIPTextConfig(**sd21.SD21_BASE_TEXT_ENCODER)))
     millions = [round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for m in models]
     assert millions == [865.9, 83.7, 340.4]
 

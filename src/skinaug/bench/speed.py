@@ -45,32 +45,7 @@ from PIL import Image
 from skinaug import atomic, config, paper, prompts
 from skinaug.data import trainset
 from skinaug.diffusion import sd21, training
-from skinaug.diffusion.sd21 import SD21_BASE_SCHEDULER
-
-# --- Stable Diffusion 2.1 base, from its configs (unet/, vae/, text_encoder/config.json) ----------
-# Parameter counts: UNet 865.9 M, VAE 83.7 M, text encoder 340.4 M (checked by the tests).
-
-SD21_BASE_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 1024, "use_linear_projection": True, "flip_sin_to_cos": True, "freq_shift": 0,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-}
-SD21_BASE_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "act_fn": "silu", "norm_num_groups": 32,
-    "sample_size": 768,  # as in the hub config (only used for tiling); the model runs at 512 px
-    "scaling_factor": 0.18215,  # the config's value; code reads vae.config.scaling_factor
-}
-SD21_BASE_TEXT_ENCODER = {  # OpenCLIP ViT-H/14 text tower; the vocabulary does not change speed
-    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
-    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512,
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,  # our tokenizer's ids
-}
-
+from skinaug.diffusion.sd21 import SD21_BASE_SCHEDULER, SD21_BASE_TEXT_ENCODER, SD21_BASE_UNET, SD21_BASE_VAE
 
 # --- what is measured ------------------------------------------------------------------------------
 
