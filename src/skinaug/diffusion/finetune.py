@@ -83,6 +83,69 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     ti = cfg.textual_inversion
     labels = list(cfg.subset.labels if labels is None else labels)
     rows = _read_train(train_csv, images_dir, cfg.subset.labels, labels, need_every_label=True)
+    run = _token_run(rows, labels, base_dir, cfg, seed)
+    fingerprint = _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels)
+    names = [f"loss/{adapters.name(label)}" for label in labels]
+    with (resume.Work(out_dir, fingerprint, run.accelerator) as work,  # waits while another run writes out_dir
+          live.Curve(live_dir, run.accelerator.is_main_process) as curve):
+        state = work.state
+        start, history = (state["step"], state["history"]) if state else (0, [])
+        curve.losses(history, ti.log_every, ti.steps, names, replay=True)
+        if state:
+            run.embeddings.weight.data[run.token_ids] = state["rows"].to(run.device)
+            run.optimizer.load_state_dict(state["optimizer"])
+        every = checkpoint_every or ti.checkpoint_every
+        started = time.time()
+        bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step",
+                   disable=not run.accelerator.is_main_process)
+        for step in range(start, ti.steps):
+            step_losses = _token_update(run, step)
+            history.append(step_losses.tolist())
+            curve.losses(history, ti.log_every, ti.steps, names)
+            bar.update()
+            bar.set_postfix(loss=f"{step_losses.mean():.4f}")
+            if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
+                work.save({"step": step + 1, "history": history,
+                           "rows": run.embeddings.weight.detach()[run.token_ids].cpu(),
+                           "optimizer": run.optimizer.state_dict()})
+            if on_step is not None:
+                on_step(step + 1, dict(zip(labels, step_losses.tolist())), run.comps.text_encoder)
+        bar.close()
+        summary, final = _save_tokens(run, work.path, history, base_dir)
+        work.finish()
+    run.accelerator.print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
+                          f"{time.time() - started:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
+    return summary
+
+
+@dataclasses.dataclass
+class _TokenRun:
+    """One textual-inversion job as it trains: its labels, their images and samplers, the models,
+    the embedding rows being learned (the other rows are kept at `original`) and their optimiser."""
+    cfg: Config
+    seed: int
+    labels: list[str]
+    comps: sd21.Components
+    accelerator: object
+    images: list
+    posteriors: list
+    samplers: list
+    token_ids: list[int]
+    embeddings: torch.nn.Embedding
+    original: torch.Tensor
+    keep: torch.Tensor
+    text_encoder: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def _token_run(rows: pd.DataFrame, labels: list[str], base_dir: Path, cfg: Config, seed: int) -> _TokenRun:
+    """Decode the images, add the tokens (token surgery) and set up accelerate and the optimiser."""
+    ti = cfg.textual_inversion
     accelerator, dtype = _accelerator(cfg.model)
     device = accelerator.device
     comps = sd21.load_components(base_dir)
@@ -105,86 +168,73 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     # Mixed precision, no DDP: below, only the new rows' gradient is summed over processes, once per step.
     text_encoder = accelerator.prepare_model(comps.text_encoder, evaluation_mode=True)
     optimizer = accelerator.prepare_optimizer(optimizer)
+    return _TokenRun(cfg, seed, labels, comps, accelerator, images, posteriors, samplers, token_ids, embeddings,
+                     original, keep, text_encoder, optimizer, lr)
 
-    fingerprint = _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels)
-    names = [f"loss/{adapters.name(label)}" for label in labels]
-    with (resume.Work(out_dir, fingerprint, accelerator) as work,  # waits while another run writes out_dir
-          live.Curve(live_dir, accelerator.is_main_process) as curve):
-        state = work.state
-        start, history = (state["step"], state["history"]) if state else (0, [])
-        curve.losses(history, ti.log_every, ti.steps, names, replay=True)
-        if state:
-            embeddings.weight.data[token_ids] = state["rows"].to(device)
-            optimizer.load_state_dict(state["optimizer"])
-        every = checkpoint_every or ti.checkpoint_every
-        per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
-        passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
-        started = time.time()
-        bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step",
-                   disable=not accelerator.is_main_process)
-        for step in range(start, ti.steps):
-            step_losses = torch.zeros(len(labels), device=device)
-            for micro, group in itertools.product(range(ti.grad_accum), passes):
-                mine = _mine(len(group) * ti.batch_size, accelerator)  # this pass's samples, token after token
-                if not mine:
-                    continue
-                shares = [[j % ti.batch_size for j in mine if j // ti.batch_size == n] for n in range(len(group))]
-                draws = [_ti_draws(comps, posteriors[k], samplers[k], labels[k], (seed, _TI, _key(cfg, labels[k])),
-                                   step * ti.grad_accum + micro, share, ti, device) for k, share in zip(group, shares)
-                         if share]
-                latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
-                context = training.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
-                losses = training.denoising_loss_per_image(comps.unet, comps.noise_scheduler, latents, context, noise,
-                                                    timesteps)
-                # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
-                per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
-                accelerator.backward(per_token.sum() / ti.grad_accum)
-                step_losses[group] += per_token.detach().float() / ti.grad_accum
-            if accelerator.num_processes > 1:
-                grad = _grad(embeddings.weight)
-                new_rows = grad[token_ids]
-                _sum_over_processes(accelerator, [new_rows, step_losses])
-                grad.zero_()  # the other rows are restored below; zeroed, every process steps on the same gradient
-                grad[token_ids] = new_rows
-            step_losses = step_losses.cpu()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # only the new rows learn; weight decay touched every row
-                embeddings.weight[keep] = original[keep]
-            history.append(step_losses.tolist())
-            curve.losses(history, ti.log_every, ti.steps, names)
-            bar.update()
-            bar.set_postfix(loss=f"{step_losses.mean():.4f}")
-            if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
-                work.save({"step": step + 1, "history": history, "rows": embeddings.weight.detach()[token_ids].cpu(),
-                           "optimizer": optimizer.state_dict()})
-            if on_step is not None:
-                on_step(step + 1, dict(zip(labels, step_losses.tolist())), comps.text_encoder)
-        bar.close()
 
-        from safetensors.torch import save_file
+def _token_update(run: _TokenRun, step: int) -> torch.Tensor:
+    """One optimiser update of every token: the loss of each token's batch (in passes of
+    textual_inversion.tokens_per_pass tokens, this process's share of each), the new rows'
+    gradient summed over processes, the step, and every other row put back. Returns the
+    tokens' losses (CPU)."""
+    ti, labels, device = run.cfg.textual_inversion, run.labels, run.device
+    per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
+    passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
+    step_losses = torch.zeros(len(labels), device=device)
+    for micro, group in itertools.product(range(ti.grad_accum), passes):
+        mine = _mine(len(group) * ti.batch_size, run.accelerator)  # this pass's samples, token after token
+        if not mine:
+            continue
+        shares = [[j % ti.batch_size for j in mine if j // ti.batch_size == n] for n in range(len(group))]
+        draws = [_ti_draws(run.comps, run.posteriors[k], run.samplers[k], labels[k],
+                           (run.seed, _TI, _key(run.cfg, labels[k])), step * ti.grad_accum + micro, share, ti, device)
+                 for k, share in zip(group, shares) if share]
+        latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
+        context = training.encode_prompts(run.comps.tokenizer, run.text_encoder, [p for d in draws for p in d[3]])
+        losses = training.denoising_loss_per_image(run.comps.unet, run.comps.noise_scheduler, latents, context,
+                                                   noise, timesteps)
+        # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
+        per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
+        run.accelerator.backward(per_token.sum() / ti.grad_accum)
+        step_losses[group] += per_token.detach().float() / ti.grad_accum
+    if run.accelerator.num_processes > 1:
+        grad = _grad(run.embeddings.weight)
+        new_rows = grad[run.token_ids]
+        _sum_over_processes(run.accelerator, [new_rows, step_losses])
+        grad.zero_()  # the other rows are restored below; zeroed, every process steps on the same gradient
+        grad[run.token_ids] = new_rows
+    step_losses = step_losses.cpu()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # only the new rows learn; weight decay touched every row
+        run.embeddings.weight[run.keep] = run.original[run.keep]
+    return step_losses
 
-        learned = embeddings.weight.detach()[token_ids].float().cpu()
-        final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
-        summary = {
-            "stage": "textual_inversion", "seed": seed, "base": sd21.base_info(base_dir),
-            "steps": ti.steps, "lr": lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
-            "final_loss_window": _LOSS_WINDOW,
-            "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
-            "settings": dataclasses.asdict(ti), "tokens": {},
-        }
-        for i, label in enumerate(labels):
-            token = prompts.token(label)
-            if accelerator.is_main_process:
-                save_file({token: learned[i : i + 1].contiguous()}, work.path / adapters.token_file(label))
-            summary["tokens"][label] = {"token": token, "file": adapters.token_file(label), "images": len(images[i]),
-                                        "final_loss": float(final[i])}
-        if accelerator.is_main_process:
-            (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
-        work.finish()
-    accelerator.print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
-                      f"{time.time() - started:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
-    return summary
+
+def _save_tokens(run: _TokenRun, folder: Path, history: list, base_dir: Path) -> tuple[dict, list]:
+    """Write each label's learned token and ti.json into folder (main process); returns the summary
+    and the final losses."""
+    from safetensors.torch import save_file
+
+    ti, labels = run.cfg.textual_inversion, run.labels
+    learned = run.embeddings.weight.detach()[run.token_ids].float().cpu()
+    final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
+    summary = {
+        "stage": "textual_inversion", "seed": run.seed, "base": sd21.base_info(base_dir),
+        "steps": ti.steps, "lr": run.lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
+        "final_loss_window": _LOSS_WINDOW,
+        "resolution": run.cfg.model.resolution, "mixed_precision": run.accelerator.mixed_precision,
+        "settings": dataclasses.asdict(ti), "tokens": {},
+    }
+    for i, label in enumerate(labels):
+        token = prompts.token(label)
+        if run.accelerator.is_main_process:
+            save_file({token: learned[i : i + 1].contiguous()}, folder / adapters.token_file(label))
+        summary["tokens"][label] = {"token": token, "file": adapters.token_file(label), "images": len(run.images[i]),
+                                    "final_loss": float(final[i])}
+    if run.accelerator.is_main_process:
+        (folder / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary, final
 
 
 def _ti_draws(comps, posteriors, sampler, label, key, micro_step, share, ti, device):
