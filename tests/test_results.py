@@ -23,7 +23,8 @@ from PIL import Image
 from skinaug import SkinaugError, atomic, config, paper
 from skinaug.classify import classifiers, scoring
 from skinaug.cli import main
-from skinaug.report import results
+from skinaug.report import figures, results
+from skinaug.report.names import STRATEGY_NAMES
 
 from test_classifiers import ROOT, small_cfg, write_study
 
@@ -171,7 +172,7 @@ def test_report_renders_the_paper_tables_with_every_cell_filled(built):
     assert -30 < low < -21 < high < -12
     assert table5[1][5:] == ["21.00 ± 1.41 (FST 1)", "18.80", "21.22"]  # worst: the light set, FST 1 first of a tie
     assert "seeds 0, 42" in text
-    assert [r[0] for r in table5[1:]] == [results.STRATEGY_NAMES[s] for s in paper.ABLATION]  # Table 5's order
+    assert [r[0] for r in table5[1:]] == [STRATEGY_NAMES[s] for s in paper.ABLATION]  # Table 5's order
     layout_csv = pd.read_csv(built["out"] / "table_scenario1.csv")
     assert layout_csv.notna().all().all() and layout_csv.shape == (3, 13)
     assert (built["out"] / "table_scenario2_test_reference.csv").exists()
@@ -207,7 +208,7 @@ def test_figures_render(built):
     for name in names:
         with Image.open(built["out"] / "figures" / f"{name}.png") as im:
             assert im.format == "PNG" and min(im.size) > 200
-            assert im.size[0] <= results.WIDTH_IN * results.DPI, f"{name} would be shrunk in a markdown page"
+            assert im.size[0] <= figures.WIDTH_IN * figures.DPI, f"{name} would be shrunk in a markdown page"
 
 
 def test_cli_report(study, tmp_path):

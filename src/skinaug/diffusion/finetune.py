@@ -41,8 +41,10 @@ cropped and encoded every step). Sampling the latent from kept mean and std is t
 encodes each distinct prompt once (the text encoder is frozen). Attention uses PyTorch SDPA
 (diffusers' default processor); channels_last is an option on GPU.
 
-Over 300 lines: the two fine-tuning phases share their data pipeline (cached posteriors, seeded
-sampling, accelerate wiring); splitting textual_inversion.py from lora.py is still open (issue 16).
+Over 300 lines for one idea, fine-tuning the generator on the training images: textual inversion
+and LoRA share their data pipeline (cached posteriors, counter-seeded sampling, the accelerate
+wiring and the all-reduce), which is most of this file; each phase's own code is a short
+train_* function with helpers of its own (_token_run, _token_update, _save_tokens; _LoraRun, _lora_job).
 """
 from __future__ import annotations
 
