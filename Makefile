@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test test-all params install gpu-wheels
+.PHONY: demo test params install gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	@echo "== installing skinaug and its dependencies into $(VENV) (torch from the local disk; ~2 min)"

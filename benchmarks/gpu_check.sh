@@ -7,8 +7,8 @@
 # 1. installs WHEELS_DIR/*.whl (`make gpu-wheels` fills .whl; an empty folder installs nothing)
 #    and skinaug itself from this source tree, without dependencies or an index, into a temporary
 #    site folder put first on PYTHONPATH;
-# 2. `skinaug gpu-check OUT_DIR`: every GPU stage once at paper settings (src/skinaug/gpucheck.py);
-# 3. `skinaug bench --out-dir OUT_DIR`: every row of the benchmark (src/skinaug/bench.py).
+# 2. `skinaug gpu-check OUT_DIR`: every GPU stage once at paper settings (src/skinaug/bench/gpucheck.py);
+# 3. `skinaug bench --out-dir OUT_DIR`: every row of the benchmark (src/skinaug/bench/speed.py).
 # The smoke runs first: it is short, so its figures come back even if the bench overruns a time limit.
 # OUT_DIR gets gpu_check.log (everything printed), gpu_check.json and the bench's {date}_{card}.json.
 # --tiny passes to both: the tiny model, minutes on a CPU. PYTHON names the interpreter (python3).

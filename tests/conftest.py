@@ -36,7 +36,7 @@ def repo_cfg() -> config.Config:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A randomly initialised tiny SD 2.1-family diffusers folder (built once per test session)."""
-    from skinaug import tinymodel
+    from skinaug.demo import tinymodel
 
     return tinymodel.build(tmp_path_factory.mktemp("base") / "base", seed=0, resolution=32)
 
@@ -44,7 +44,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def world_dir(repo_cfg, tmp_path_factory) -> Path:
     """The demo world (metadata.csv + images/) from params.yaml's world section, made once per session (~5 s)."""
-    from skinaug import world
+    from skinaug.demo import world
 
     out = tmp_path_factory.mktemp("world") / "world"
     world.make_world(repo_cfg.world, repo_cfg.subset, out)

@@ -40,6 +40,8 @@ OUTPUT_DIRS = ("data", "models", "metrics", "reports", "dvclive")
 
 
 def env(home: Path) -> dict:
+    """The one environment every test runs git, dvc and skinaug in: no user or system config, no
+    cloud credentials, no network for the hub; this venv's commands first on PATH."""
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
     return keep | {
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `skinaug` of this venv for the stages
@@ -50,6 +52,8 @@ def env(home: Path) -> dict:
         "GIT_COMMITTER_NAME": "skinaug test", "GIT_COMMITTER_EMAIL": "test@skinaug.invalid",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
         "TORCH_HOME": str(home / "torch"), "PYTHONUNBUFFERED": "1",  # log lines as they happen
+        "AWS_CONFIG_FILE": str(home / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-creds"),
+        "AWS_EC2_METADATA_DISABLED": "true",  # never ask a cloud metadata endpoint for credentials
     }
 
 

@@ -18,8 +18,9 @@ import requests
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, cli, data
+from skinaug import SkinaugError, cli
 from skinaug.config import DataConfig, DownloadConfig
+from skinaug.data import fitzpatrick
 
 FAST = DownloadConfig(workers=4, timeout_s=0.5, retries=1, backoff_s=0.01)
 
@@ -100,7 +101,7 @@ def _data_cfg(images_dir=None, allow_missing=False) -> DataConfig:
 
 
 def _collect(tmp_path, subset_csv, cfg, download=FAST):
-    return data.collect_images(subset_csv, tmp_path / "images", tmp_path / "available.csv",
+    return fitzpatrick.collect_images(subset_csv, tmp_path / "images", tmp_path / "available.csv",
                                tmp_path / "reports" / "failures.csv", cfg, download)
 
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from skinaug import SkinaugError, cli, export, prompts
+from skinaug.diffusion import adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = list(prompts.TOKENS)[:3]
@@ -122,7 +123,7 @@ def test_per_label_bundle_loads_each_lora_as_a_named_adapter(tiny_base, tmp_path
     bundle = _export(root, tmp_path / "bundle", repo_cfg)
     names = [prompts.TOKENS[label].strip("<>") for label in LABELS[:2]]
     for name in names:
-        assert (bundle / "lora" / name / export.LORA_FILE).is_file()
+        assert (bundle / "lora" / name / adapters.LORA_FILE).is_file()
 
     ns = _run_card(bundle, tmp_path / "user", monkeypatch)
     assert sorted(ns["pipe"].get_list_adapters()["unet"]) == sorted(names)
@@ -179,7 +180,7 @@ def test_adapters_made_for_another_base_are_refused_before_anything_is_written(t
         bad = root / "models/scenario1/seed0/ti" / f"{prompts.TOKENS[LABELS[0]].strip('<>')}.safetensors"
         save_file({prompts.TOKENS[LABELS[0]]: torch.zeros(1, 768)}, bad)
     else:
-        bad = root / "models/scenario1/seed0/lora" / export.LORA_FILE
+        bad = root / "models/scenario1/seed0/lora" / adapters.LORA_FILE
         weights = load_file(bad)
         key = next(k for k in weights if k.endswith("attn2.to_k.lora.down.weight"))
         save_file({**weights, key: torch.zeros(weights[key].shape[0], 768)}, bad)
@@ -195,7 +196,7 @@ def test_cli_reads_the_standard_layout_and_replaces_only_with_force(tiny_base, t
     args = ["--params", str(ROOT / "params.yaml"), "export", "--scenario", "1", "--seed", "0", "out/bundle"]
     first = CliRunner().invoke(cli.main, args)
     assert first.exit_code == 0, first.output
-    assert (root / "out/bundle/lora" / export.LORA_FILE).is_file()
+    assert (root / "out/bundle/lora" / adapters.LORA_FILE).is_file()
 
     (root / "out/bundle/stale.txt").write_text("from an older export")
     refused = CliRunner().invoke(cli.main, args)

@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from skinaug import SkinaugError, finetune, prompts
+from skinaug import SkinaugError, prompts
+from skinaug.diffusion import adapters, finetune
 
 LABELS = ["basal cell carcinoma", "folliculitis"]
 FSTS = [1, 2, 2, 6]  # per label: light types dominate, as in the study
@@ -157,10 +158,10 @@ def test_one_token_per_forward_pass_changes_nothing(ti_run, split, tiny_base, cf
 @pytest.mark.parametrize("templates", ["authors", "imagenet"])
 def test_ti_prompts_come_from_the_chosen_templates(split, tiny_base, cfg, tmp_path, monkeypatch, templates):
     """The authors' 11 neutral templates by default; never "a dark photo of the" unless asked for."""
-    from skinaug import diffusion
+    from skinaug.diffusion import training
 
-    seen, encode = [], diffusion.encode_prompts
-    monkeypatch.setattr(diffusion, "encode_prompts", lambda tok, te, texts: seen.extend(texts) or encode(tok, te, texts))
+    seen, encode = [], training.encode_prompts
+    monkeypatch.setattr(training, "encode_prompts", lambda tok, te, texts: seen.extend(texts) or encode(tok, te, texts))
     c = dataclasses.replace(cfg, textual_inversion=dataclasses.replace(cfg.textual_inversion, steps=20,
                                                                         templates=templates))
     finetune.train_textual_inversion(*split, tiny_base, tmp_path / "ti", c, seed=7)
@@ -176,7 +177,7 @@ def test_token_files_load_with_the_stock_loader(ti_run, tiny_base):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
-    files, tokens = finetune.token_files(ti_run[0], LABELS)
+    files, tokens = adapters.token_files(ti_run[0], LABELS)
     for file, token in zip(files, tokens):
         pipe.load_textual_inversion(str(file), token=token)
         row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(token)]
@@ -188,7 +189,7 @@ def test_token_files_load_with_the_stock_loader(ti_run, tiny_base):
 def test_lora_trains_and_loads_into_a_stock_img2img_pipeline(lora_run, ti_run, tiny_base):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    weights = load_file(lora_run / finetune.LORA_FILE)
+    weights = load_file(lora_run / adapters.LORA_FILE)
     ups = [v for k, v in weights.items() if "lora.up" in k or "lora_B" in k]
     assert ups and all(v.abs().sum() > 0 for v in ups)  # lora_B starts at zero: it learned
     summary = json.loads((lora_run / "lora.json").read_text())
@@ -196,7 +197,7 @@ def test_lora_trains_and_loads_into_a_stock_img2img_pipeline(lora_run, ti_run, t
     assert summary["latents_kept"].startswith(f"{len(LABELS) * len(FSTS) - 1} of")
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_base, safety_checker=None)
-    pipe.load_textual_inversion([str(f) for f in finetune.token_files(ti_run[0], LABELS)[0]],
+    pipe.load_textual_inversion([str(f) for f in adapters.token_files(ti_run[0], LABELS)[0]],
                                 token=[prompts.token(label) for label in LABELS])
     pipe.load_lora_weights(lora_run)
     assert pipe.get_active_adapters()
@@ -217,7 +218,7 @@ def test_lora_clips_gradients_only_when_max_grad_norm_is_set(split, tiny_base, c
     for norm in (0.0, 1.0e-6):
         c = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, max_grad_norm=norm))
         finetune.train_lora(*split, tiny_base, None, tmp_path / str(norm), c, seed=7)
-        weights[norm] = load_file(tmp_path / str(norm) / finetune.LORA_FILE)
+        weights[norm] = load_file(tmp_path / str(norm) / adapters.LORA_FILE)
     assert norms == [1.0e-6] * cfg.lora.steps
     assert any(not torch.equal(weights[0.0][k], weights[1.0e-6][k]) for k in weights[0.0])
 
@@ -241,10 +242,10 @@ def test_per_label_lora_without_tokens_writes_one_lora_per_label(split, tiny_bas
     live = read_live(tmp_path / "live")  # each LoRA's curve once: the finished one's replayed from the checkpoint
     assert sorted(live) == sorted(f"loss/{prompts.token(label).strip('<>')}" for label in LABELS)
     assert all(curve.step.tolist() == [2] for curve in live.values())
-    files = finetune.lora_files(tmp_path / "lora")
-    assert set(files) == set(LABELS)
-    for label, file in files.items():
-        assert file == tmp_path / "lora" / prompts.token(label).strip("<>") / finetune.LORA_FILE
+    files = adapters.trained_loras(tmp_path / "lora")
+    assert set(files) == {prompts.token(label).strip("<>") for label in LABELS}
+    for name, file in files.items():
+        assert file == tmp_path / "lora" / name / adapters.LORA_FILE
         assert file.is_file()
     assert json.loads((tmp_path / "lora" / "lora.json").read_text())["tokens"] is False
 
@@ -292,12 +293,12 @@ def test_interrupted_lora_resumes_to_the_uninterrupted_result(lora_run, ti_run, 
     assert not out.exists()
     finetune.train_lora(*split, tiny_base, ti_run[0], out, cfg, seed=7, live_dir=tmp_path / "live")
     assert live_bytes(tmp_path / "live") == live_bytes(lora_run.parent / "live")
-    resumed, whole = load_file(out / finetune.LORA_FILE), load_file(lora_run / finetune.LORA_FILE)
+    resumed, whole = load_file(out / adapters.LORA_FILE), load_file(lora_run / adapters.LORA_FILE)
     assert resumed.keys() == whole.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], atol=0, rtol=0)
     # the very bytes: safetensors writes its metadata in hash-map order unless the header is sorted
-    assert (out / finetune.LORA_FILE).read_bytes() == (lora_run / finetune.LORA_FILE).read_bytes()
+    assert (out / adapters.LORA_FILE).read_bytes() == (lora_run / adapters.LORA_FILE).read_bytes()
     assert (out / "lora.json").read_bytes() == (lora_run / "lora.json").read_bytes()
 
 
@@ -421,7 +422,7 @@ def test_two_processes_train_as_one(split, tiny_base, cfg, tmp_path):
         one_loss, two_loss = (json.loads((d / "ti.json").read_text())["tokens"][label]["final_loss"]
                               for d in (one / "ti", multi / "ti"))
         assert two_loss == pytest.approx(one_loss, abs=1e-5)
-    alone, shared = load_file(one / "lora" / finetune.LORA_FILE), load_file(multi / "lora" / finetune.LORA_FILE)
+    alone, shared = load_file(one / "lora" / adapters.LORA_FILE), load_file(multi / "lora" / adapters.LORA_FILE)
     assert alone.keys() == shared.keys()
     for key in alone:
         torch.testing.assert_close(shared[key], alone[key], atol=1e-5, rtol=0)

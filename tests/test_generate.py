@@ -21,7 +21,9 @@ import yaml
 from PIL import Image
 
 from skinaug import SkinaugError, atomic, config, prompts
-from skinaug import generate as G
+from skinaug.data import trainset
+from skinaug.diffusion import adapters as A
+from skinaug.diffusion import generate as G
 
 LABELS = list(prompts.TOKENS)
 # Four sources, one per skin type, each of another label (light ones become 5 or 6).
@@ -64,7 +66,7 @@ def _lora_file(base: Path, folder: Path, seed: int) -> Path:
             torch.nn.init.normal_(p, std=0.5)
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-    return folder / G.LORA_FILE
+    return folder / A.LORA_FILE
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +189,7 @@ def test_same_seed_same_images_and_manifest_matches_files(ref, tmp_path, world, 
     assert list(on_disk.columns) == G.MANIFEST_COLUMNS and len(on_disk) == 8
     assert sorted(on_disk.file) == sorted(f"images/{p.name}" for p in (ref / "images").iterdir())
     assert all(Image.open(ref / f).size == (32, 32) for f in on_disk.file)
-    lora_sha = hashlib.sha256((adapters / "lora" / G.LORA_FILE).read_bytes()).hexdigest()
+    lora_sha = hashlib.sha256((adapters / "lora" / A.LORA_FILE).read_bytes()).hexdigest()
     assert set(on_disk.lora_sha256) == {lora_sha} and on_disk.ti_sha256.str.len().eq(64).all()
     assert set(on_disk.base) == {str(tiny_base)} and set(manifest.strategy) == {"img2img_ti_lora"}
 
@@ -217,7 +219,7 @@ def test_each_batch_element_gets_its_own_source_prompt_and_seed(monkeypatch, tmp
         assert kw["num_images_per_prompt"] == 1
         for image, prompt, gen in zip(kw["image"], kw["prompt"], kw["generator"], strict=True):
             row = next(rows)
-            source = G._source(world / "images" / f"{row.source_md5hash}.jpg", 32)
+            source = trainset.open_image(world / "images" / f"{row.source_md5hash}.jpg", 32)
             assert np.array_equal(np.asarray(image), np.asarray(source))
             assert prompt == row.prompt and gen.initial_seed() == row.seed
             assert prompt == prompts.skin_prompt(row.label, row.fitzpatrick_scale, use_tokens=False)
@@ -389,9 +391,9 @@ def test_two_runs_on_one_output_take_turns(ref, tmp_path, world, tiny_base, adap
 
 def test_adapters_load_with_the_stock_loaders(world, tiny_base, adapters, cfg):
     plan = G.make_plan(world / "train.csv", cfg, 0, "img2img_ti_lora")
-    tokens = G._token_files(adapters / "ti", plan, tiny_base)
+    tokens = G.tokens_for(plan, adapters / "ti", tiny_base)
     assert sorted(tokens) == sorted(prompts.token(label) for _, label, _ in SOURCES)
-    loras = G._lora_files(adapters / "lora", "joint", plan, tiny_base)
+    loras = G.loras_for(plan, adapters / "lora", "joint", tiny_base)
     pipe = G.load_pipeline(tiny_base, G.STRATEGIES["img2img_ti_lora"], tokens, loras, cfg, torch.device("cpu"))
     from safetensors.torch import load_file
 
@@ -414,9 +416,9 @@ def test_lora_changes_the_output(ref, tmp_path, world, tiny_base, adapters, cfg)
 def test_per_label_lora_switches_adapter_per_batch(ref, tmp_path, world, tiny_base, adapters, cfg):
     per_label = tmp_path / "lora"
     for md5hash, label, _ in SOURCES:  # every label gets the joint LoRA, except the first: another one
-        source = adapters / ("other_lora" if md5hash == SOURCES[0][0] else "lora") / G.LORA_FILE
-        (per_label / G._adapter_name(label)).mkdir(parents=True)
-        shutil.copy(source, per_label / G._adapter_name(label) / G.LORA_FILE)
+        source = adapters / ("other_lora" if md5hash == SOURCES[0][0] else "lora") / A.LORA_FILE
+        (per_label / A.name(label)).mkdir(parents=True)
+        shutil.copy(source, per_label / A.name(label) / A.LORA_FILE)
     pl_cfg = config.replace(cfg, lora=config.replace(cfg.lora, mode="per_label"))
     run(world, tiny_base, tmp_path / "syn", pl_cfg, adapters, lora_dir=per_label)
     a, b = pixels(ref), pixels(tmp_path / "syn")
@@ -467,15 +469,15 @@ def test_each_lora_strategy_takes_the_lora_trained_its_way(tmp_path, adapters):
 def test_the_manifest_records_the_lora_each_strategy_used(tmp_path, world, tiny_base, adapters, cfg):
     with_tokens = _lora_made(tmp_path, adapters, "lora", True)
     plain = _lora_made(tmp_path, adapters, "lora_plain", False)
-    shutil.copy(adapters / "other_lora" / G.LORA_FILE, plain / G.LORA_FILE)
+    shutil.copy(adapters / "other_lora" / A.LORA_FILE, plain / A.LORA_FILE)
     c = config.replace(cfg, generate=config.replace(cfg.generate, per_source=1, steps=2))
     hashes = {}
     for strategy in ("img2img_ti_lora", "img2img_lora"):
         manifest = run(world, tiny_base, tmp_path / strategy, c, adapters, strategy=strategy,
                        lora_dir=[with_tokens, plain])
         hashes[strategy] = set(manifest.lora_sha256)
-    assert hashes["img2img_ti_lora"] == {hashlib.sha256((with_tokens / G.LORA_FILE).read_bytes()).hexdigest()}
-    assert hashes["img2img_lora"] == {hashlib.sha256((plain / G.LORA_FILE).read_bytes()).hexdigest()}
+    assert hashes["img2img_ti_lora"] == {hashlib.sha256((with_tokens / A.LORA_FILE).read_bytes()).hexdigest()}
+    assert hashes["img2img_lora"] == {hashlib.sha256((plain / A.LORA_FILE).read_bytes()).hexdigest()}
 
 
 # --- bad input: one clear line, nothing written ----------------------------------------------------
@@ -515,7 +517,7 @@ def _bad_adapter(adapters: Path, tmp_path: Path, which: str) -> tuple[Path, Path
         bad = ti / "bas-class.safetensors"
         save_file({"<bas-class>": torch.zeros(1, 768)}, bad)
         return ti, lora, f"token file {bad} holds a 1 x 768 tensor"
-    bad = lora / G.LORA_FILE
+    bad = lora / A.LORA_FILE
     weights = load_file(bad)
     key = next(k for k in weights if k.endswith("attn2.to_k.lora.down.weight"))
     save_file({**weights, key: torch.zeros(weights[key].shape[0], 768)}, bad)

@@ -13,7 +13,7 @@ left in the workspace.
 
 Checkpoints every step (textual_inversion/lora.checkpoint_every, speed-only settings that no stage
 declares, so dvc.lock is unchanged) give a kill inside textual inversion or LoRA a checkpoint to
-resume from; the reduced classifiers train one epoch, so theirs restart (test_classify checks
+resume from; the reduced classifiers train one epoch, so theirs restart (test_classifiers checks
 their resume). About 10 minutes on 2 idle CPU cores (twice the reduced demo, and a restart per
 kill), 15 to 25 on busy ones; `pytest -s` prints what each kill hit and how each resumed run went on.
 """

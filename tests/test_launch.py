@@ -20,7 +20,8 @@ import yaml
 from dvcrepo import OVERRIDES, RUN_TIMEOUT_S, Repo, make_repo
 from safetensors.torch import load_file
 
-from skinaug import SkinaugError, diffusion, launch
+from skinaug import SkinaugError, launch
+from skinaug.diffusion import sd21
 
 ARGV = ["--params", "p.yaml", "lora", "split", "images", "base", "out", "--seed", "0"]
 
@@ -125,14 +126,14 @@ def cards(monkeypatch):
 
 def test_cuda_k_is_card_k_and_becomes_the_current_device(cards):
     chosen = cards(2)
-    assert diffusion.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert sd21.pick_device("cuda:1") == torch.device("cuda", 1)
     assert chosen == [1]  # accelerate's Accelerator, which says plain "cuda", lands there too
 
 
 def test_a_card_that_does_not_exist_is_one_clear_error(cards):
     cards(2)
     with pytest.raises(SkinaugError) as err:
-        diffusion.pick_device("cuda:2")
+        sd21.pick_device("cuda:2")
     assert str(err.value) == ("model.device is cuda:2 but this machine shows 2 CUDA device(s), cuda:0 to cuda:1; "
                               "pick one of those (or check CUDA_VISIBLE_DEVICES)")
 
@@ -140,13 +141,13 @@ def test_a_card_that_does_not_exist_is_one_clear_error(cards):
 def test_cuda_k_without_cuda_is_one_clear_error(cards):
     cards(0)
     with pytest.raises(SkinaugError, match=r"^device cuda:0 asked for but no CUDA device is visible; set model.device"):
-        diffusion.pick_device("cuda:0")
+        sd21.pick_device("cuda:0")
 
 
 def test_under_a_multi_process_launcher_the_launcher_picks_the_card(cards, monkeypatch):
     chosen = cards(4)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert diffusion.pick_device("cuda:2") == torch.device("cuda")  # accelerate: one card per local rank
+    assert sd21.pick_device("cuda:2") == torch.device("cuda")  # accelerate: one card per local rank
     assert chosen == []
 
 

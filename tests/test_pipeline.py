@@ -208,7 +208,7 @@ def test_interrupted_repro_resumes_without_redoing_finished_work(pipeline):
         pytest.skip(f"generate@0 was stopped before it wrote an image ({done} seen)")
     assert len(kept) < planned
 
-    out = repo.dvc("repro").stdout
+    out = repo.dvc("repro", timeout=RUN_TIMEOUT_S).stdout  # generation and all after it: a run, not a command
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert "generate@0" in ran, out
     assert not ran & {"world", "subset", "images", "splits@0", "base", "textual_inversion@0", "lora@0",

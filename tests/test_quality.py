@@ -13,10 +13,13 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
-from test_classify import LABELS, small_cfg, write_study
 from torch import nn
 
-from skinaug import SkinaugError, classify, config, quality, report, tone
+from skinaug import SkinaugError, config, tone
+from skinaug.classify import classifiers, quality
+from skinaug.report import results
+
+from test_classifiers import LABELS, small_cfg, write_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +135,7 @@ class RightByConstruction(nn.Module):
         super().__init__()
         means = []
         for c in range(len(LABELS)):
-            x = classify.eval_view(torch.full((1, 3, 36, 36), 30 * c, dtype=torch.uint8), cfg.classify.crop_size)
+            x = classifiers.eval_view(torch.full((1, 3, 36, 36), 30 * c, dtype=torch.uint8), cfg.classify.crop_size)
             means.append(x.mean().item())
         v = torch.tensor(means)
         self.head = nn.Linear(1, len(LABELS))  # logit_c = 2 v_c m - v_c^2: argmax = nearest mean
@@ -271,10 +274,10 @@ def test_quality_run_writes_its_tables_figures_and_headline(tmp_path):
                                                      nearest_k=2, kid_subsets=5))
     paths = uniform_study(tmp_path)
     ref_pt = tmp_path / "reference.pt"
-    info = classify.train_reference(paths["split_dir"], paths["images_dir"], ref_pt, "resnet18", cfg, seed=0)
+    info = classifiers.train_reference(paths["split_dir"], paths["images_dir"], ref_pt, "resnet18", cfg, seed=0)
     assert info["n_train"] == 3 * len(LABELS)
     again = tmp_path / "again" / "reference.pt"  # the same work again: the same bytes (DVC compares them)
-    classify.train_reference(paths["split_dir"], paths["images_dir"], again, "resnet18", cfg, seed=0)
+    classifiers.train_reference(paths["split_dir"], paths["images_dir"], again, "resnet18", cfg, seed=0)
     assert again.read_bytes() == ref_pt.read_bytes()
     out, metrics = tmp_path / "q", tmp_path / "metrics.json"
     head = quality.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], ref_pt, out, metrics, cfg, 0, "test")
@@ -294,5 +297,5 @@ def test_quality_run_writes_its_tables_figures_and_headline(tmp_path):
     assert (out / "grid.png").stat().st_size > 0 and (out / "ita_vs_lesion.png").stat().st_size > 0
     md = (out / "quality.md").read_text()
     assert "Per requested skin type and label" in md and "train " in md
-    section = report._quality_section(tmp_path, tmp_path.parent)  # results.md's quality section
+    section = results._quality_section(tmp_path, tmp_path.parent)  # results.md's quality section
     assert f"]({tmp_path.name}/q/grid.png)" in section and "## Synthetic-image quality" in section

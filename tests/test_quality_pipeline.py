@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from dvcrepo import LABELS, OVERRIDES, RUN_TIMEOUT_S, Repo, make_repo
 
-from skinaug import quality
+from skinaug.classify import quality
 
 pytestmark = pytest.mark.slow
 TARGETS = ["quality@0", "classify@0-resnet18-syn", "classify@0-resnet18-real_syn"]

@@ -12,7 +12,6 @@ remote through the real `dvc` (the venv's, as a subprocess):
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import socket
@@ -25,6 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+import dvcrepo
 
 DVC = [sys.executable, "-m", "dvc"]
 TIMEOUT_S = 120  # any one git/dvc command
@@ -110,18 +111,7 @@ stages:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
-    """An environment that reads no user or system config and has no cloud credentials."""
-    home = tmp_path_factory.mktemp("home")
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
-    return keep | {
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-        "DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"), "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
-        "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "skinaug test", "GIT_AUTHOR_EMAIL": "test@skinaug.invalid",
-        "GIT_COMMITTER_NAME": "skinaug test", "GIT_COMMITTER_EMAIL": "test@skinaug.invalid",
-        "AWS_CONFIG_FILE": str(home / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-creds"),
-        "AWS_EC2_METADATA_DISABLED": "true",  # never ask a cloud metadata endpoint for credentials
-    }
+    return dvcrepo.env(tmp_path_factory.mktemp("home"))
 
 
 def run(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:

@@ -8,10 +8,13 @@ import numpy as np
 import pandas as pd
 import PIL.Image
 import pytest
-from test_classify import LABELS, small_cfg, write_study
 from test_quality import RightByConstruction, uniform_study
 
-from skinaug import SkinaugError, classify, config, data, select, tone
+from skinaug import SkinaugError, config, tone
+from skinaug.classify import classifiers, select
+from skinaug.data import fitzpatrick
+
+from test_classifiers import LABELS, small_cfg, write_study
 
 
 def with_rules(cfg: config.Config, rules: list[str], best_n: int = 1) -> config.Config:
@@ -68,7 +71,7 @@ def test_no_rules_keep_the_manifest_as_it_is(tmp_path):
     kept = pd.read_csv(tmp_path / "out" / "kept.csv")
     assert kept.equals(pd.read_csv(syn / "manifest.csv"))
     assert summary.generated.sum() == summary.kept.sum() == 6
-    assert classify.read_manifest(syn, "syn", tmp_path / "out" / "kept.csv").equals(classify.read_manifest(syn, "syn"))
+    assert classifiers.read_manifest(syn, "syn", tmp_path / "out" / "kept.csv").equals(classifiers.read_manifest(syn, "syn"))
 
 
 def test_tone_rule_drops_the_images_outside_the_requested_band(tmp_path):
@@ -98,11 +101,11 @@ def test_lesion_rule_uses_the_reference_classifier_and_reads_no_split(tmp_path, 
     opens is a synthetic image or its manifest (no split CSV, no real image)."""
     paths = uniform_study(tmp_path)
     cfg = with_rules(small_cfg(), ["lesion"])
-    monkeypatch.setattr(classify, "load_reference", lambda path, cfg, device: (RightByConstruction(cfg).eval(), LABELS))
+    monkeypatch.setattr(classifiers, "load_reference", lambda path, cfg, device: (RightByConstruction(cfg).eval(), LABELS))
     opened = []
-    real_open, real_read = PIL.Image.open, data.read_table
+    real_open, real_read = PIL.Image.open, fitzpatrick.read_table
     monkeypatch.setattr(PIL.Image, "open", lambda p, *a, **k: opened.append(Path(p)) or real_open(p, *a, **k))
-    monkeypatch.setattr(data, "read_table", lambda p: opened.append(Path(p)) or real_read(p))
+    monkeypatch.setattr(fitzpatrick, "read_table", lambda p: opened.append(Path(p)) or real_read(p))
     select.run(paths["syn_dir"], tmp_path / "reference.pt", tmp_path / "out", cfg)
     manifest = pd.read_csv(paths["syn_dir"] / "manifest.csv")
     kept = pd.read_csv(tmp_path / "out" / "kept.csv")
@@ -115,11 +118,11 @@ def test_classify_trains_on_the_kept_images_only(tmp_path):
     paths = write_study(tmp_path)
     manifest = pd.read_csv(paths["syn_dir"] / "manifest.csv")
     manifest.iloc[::2].to_csv(tmp_path / "kept.csv", index=False)
-    got = classify.read_manifest(paths["syn_dir"], "real_syn", tmp_path / "kept.csv")
+    got = classifiers.read_manifest(paths["syn_dir"], "real_syn", tmp_path / "kept.csv")
     assert list(got.file) == list(manifest.file.iloc[::2])
     manifest.assign(file="images/elsewhere.png").to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(SkinaugError, match="select stage"):
-        classify.read_manifest(paths["syn_dir"], "syn", tmp_path / "bad.csv")
+        classifiers.read_manifest(paths["syn_dir"], "syn", tmp_path / "bad.csv")
 
 
 @pytest.mark.slow  # two classifiers: ~15 s on 2 busy cores
@@ -129,9 +132,9 @@ def test_with_no_rules_classify_writes_the_same_bytes(tmp_path):
     cfg = with_rules(small_cfg(epochs=1), [])
     select.run(paths["syn_dir"], tmp_path / "absent.pt", tmp_path / "sel", cfg)
     plain, kept = tmp_path / "plain.json", tmp_path / "kept.json"
-    classify.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], {"test": plain}, "resnet18", "real_syn",
+    classifiers.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], {"test": plain}, "resnet18", "real_syn",
                  cfg, 0)
-    classify.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], {"test": kept}, "resnet18", "real_syn",
+    classifiers.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], {"test": kept}, "resnet18", "real_syn",
                  cfg, 0, keep=tmp_path / "sel" / "kept.csv")
     assert plain.read_bytes() == kept.read_bytes()
     assert np.isfinite(pd.read_json(plain, typ="series")["accuracy_pct"])

@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from skinaug import SkinaugError, config, data, splits
+from skinaug import SkinaugError, config
+from skinaug.data import fitzpatrick, splits
 
 SEEDS = [0, 42, 123, 1111, 1234]
 SIZES = {1: (1519, 56), 2: (1284, 291), 3: (1228, 291)}  # scenario: (train, test), SPEC §2
@@ -17,15 +18,15 @@ PINNED_MD5 = "75556ecbd0bd6227050112565c24b991"
 @pytest.fixture(scope="module", params=["world", "real"])
 def subset(request, repo_cfg) -> pd.DataFrame:
     if request.param == "world":
-        meta = data.load_metadata(request.getfixturevalue("world_dir") / "metadata.csv", None)
+        meta = fitzpatrick.load_metadata(request.getfixturevalue("world_dir") / "metadata.csv", None)
     else:
-        meta = data.load_metadata(request.getfixturevalue("fitz_csv"), PINNED_MD5)
-    return data.study_subset(meta, repo_cfg.subset)
+        meta = fitzpatrick.load_metadata(request.getfixturevalue("fitz_csv"), PINNED_MD5)
+    return fitzpatrick.study_subset(meta, repo_cfg.subset)
 
 
 @pytest.fixture(scope="module")
 def world_subset(world_dir, repo_cfg) -> pd.DataFrame:
-    return data.study_subset(data.load_metadata(world_dir / "metadata.csv", None), repo_cfg.subset)
+    return fitzpatrick.study_subset(fitzpatrick.load_metadata(world_dir / "metadata.csv", None), repo_cfg.subset)
 
 
 @pytest.mark.parametrize("sampling", ["pooled", "per_type"])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from skinaug import stats
+from skinaug.report import stats
 
 RESAMPLES, SEED = 10000, 0
 

@@ -10,7 +10,6 @@ DVCLive curves show in `dvc plots diff`.
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, sweep
+from skinaug import SkinaugError
 from skinaug.cli import main
+from skinaug.report import sweep
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -1,21 +1,15 @@
-"""The demo's base model: pretrained on the demo world's web corpus, reproducibly."""
+"""The demo's tiny base model (skinaug.demo.tinymodel): an SD 2.1-family folder, its tokenizer, and its
+pretraining on the demo world's web corpus, reproducibly."""
 from __future__ import annotations
 
-import numpy as np
+import json
+
 import pytest
 import torch
 
-from skinaug import prompts, tinymodel, tone, world
-
-
-def test_web_corpus_covers_every_tone_with_the_prompts_wording():
-    pixels, fsts, captions = world.web_corpus(120, seed=0, size=32)
-    assert pixels.shape == (120, 32, 32, 3) and set(fsts) == {1, 2, 3, 4, 5, 6}
-    for fst, caption in zip(fsts, captions):
-        assert caption.endswith(f"on the skin of {prompts.TONES[int(fst)]} individual")
-        assert not any(label in caption for label in prompts.TOKENS)  # generic marks, never a study condition
-    medians = [np.median([tone.skin_ita(p) for p in pixels[fsts == f]]) for f in range(1, 7)]
-    assert all(a > b for a, b in zip(medians, medians[1:]))  # lighter types have the higher ITA
+from skinaug import prompts
+from skinaug.demo import tinymodel, world
+from skinaug.diffusion import sd21
 
 
 def test_pretraining_is_deterministic_for_a_seed(tmp_path):
@@ -39,7 +33,6 @@ def pretrained(tmp_path_factory):
 
 def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(pretrained):
     """Encoder noise far below the latents' spread (else every `sample()` blurs the lesions away)."""
-    import json
 
     from diffusers import AutoencoderKL
 
@@ -57,12 +50,44 @@ def test_pretrained_schedule_is_sd_shifted_for_the_latent_grid(pretrained):
     """Every stage reads the shifted schedule from the base folder: SNR 16x SD's on a 16 x 16 grid."""
     from diffusers import DDPMScheduler, PNDMScheduler
 
-    from skinaug import diffusion
+    from skinaug.diffusion import sd21
 
-    sd_scheduler = DDPMScheduler.from_config(diffusion.SD21_BASE_SCHEDULER)
+    sd_scheduler = DDPMScheduler.from_config(sd21.SD21_BASE_SCHEDULER)
     sd = sd_scheduler.alphas_cumprod.double()
     for kind in (DDPMScheduler, PNDMScheduler):  # training noise (textual inversion, LoRA) and sampling
         ours = kind.from_pretrained(pretrained, subfolder="scheduler").alphas_cumprod.double()
         ratio = (ours / (1 - ours)) / (sd / (1 - sd))
         assert torch.allclose(ratio, torch.full_like(ratio, 16.0), rtol=1e-3), kind.__name__
     assert tinymodel.shifted_betas(64) == pytest.approx(sd_scheduler.betas.tolist(), rel=1e-4)
+
+
+def test_tiny_base_is_an_sd21_family_diffusers_folder(tiny_base):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_base, safety_checker=None)
+    assert pipe.unet.config.use_linear_projection is True
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    for key, value in sd21.SD21_BASE_SCHEDULER.items():
+        if not key.startswith("_"):
+            assert pipe.scheduler.config[key] == value, key
+
+
+def test_tiny_base_is_deterministic_for_a_seed(tmp_path):
+    a = tinymodel.build(tmp_path / "a", seed=3)
+    b = tinymodel.build(tmp_path / "b", seed=3)
+    c = tinymodel.build(tmp_path / "c", seed=4)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for name in files:  # weights, tokenizer and configs alike
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    name = "unet/diffusion_pytorch_model.safetensors"
+    assert (a / name).read_bytes() != (c / name).read_bytes()
+
+
+def test_tokenizer_gives_every_prompt_word_one_token(tmp_path):
+    tok = tinymodel.make_tokenizer(tmp_path / "tok")
+    for word in prompts.vocabulary_words():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok(prompts.skin_prompt("psoriasis", 6, use_tokens=False)).input_ids
+    assert tok.convert_ids_to_tokens(ids)[-4:-1] == ["-</w>", "skinned</w>", "individual</w>"]

@@ -45,7 +45,6 @@ def test_tone_classes_and_bands():
 def test_report_keeps_synthetic_images_of_light_and_dark_sources_apart(tmp_path):
     """Dark sources keep their own type, so they would flatter the check if pooled with the darkened light ones."""
     import pandas as pd
-    from PIL import Image
 
     images, syn = tmp_path / "images", tmp_path / "syn"
     images.mkdir(), syn.mkdir()

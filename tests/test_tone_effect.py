@@ -12,8 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinaug import config, data, diffusion, finetune, prompts, splits, tone
-from skinaug import generate as G
+from skinaug import config, prompts, tone
+from skinaug.data import fitzpatrick, splits
+from skinaug.diffusion import base as diffusion_base
+from skinaug.diffusion import finetune
+from skinaug.diffusion import generate as G
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +33,18 @@ def run(repo_cfg, world_dir, tmp_path_factory) -> dict:
             lora=r(repo_cfg.lora, steps=40))
     root = tmp_path_factory.mktemp("tone_effect")
     subset = root / "subset.csv"
-    data.read_table(world_dir / "metadata.csv").pipe(data.study_subset, cfg.subset).to_csv(subset, index=False)
+    fitzpatrick.read_table(world_dir / "metadata.csv").pipe(fitzpatrick.study_subset, cfg.subset).to_csv(subset, index=False)
     split = root / "split"
     splits.write_splits(subset, split, 1, 0, cfg.splits, None, None)
     images = world_dir / "images"
-    base = diffusion.prepare_base(cfg.model, root / "base")  # the demo's pretraining, as in `dvc repro`
+    base = diffusion_base.prepare_base(cfg.model, root / "base")  # the demo's pretraining, as in `dvc repro`
     finetune.train_textual_inversion(split / "train.csv", images, base, root / "ti", cfg, 0)
     finetune.train_lora(split / "train.csv", images, base, root / "ti", root / "lora", cfg, 0)
 
     def synthesize(out):
         G.generate(split / "train.csv", images, base, out, cfg, 0, ti_dir=root / "ti", lora_dir=root / "lora",
                    strategy="img2img_ti_lora", sources_per_label=SOURCES_PER_LABEL)
-        manifest = data.read_table(out / "manifest.csv")
+        manifest = fitzpatrick.read_table(out / "manifest.csv")
         manifest = manifest[manifest.source_fitzpatrick_scale <= 2].reset_index(drop=True)  # light made dark
         return manifest, tone.measure([out / f for f in manifest.file])
 

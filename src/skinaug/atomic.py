@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -136,10 +136,12 @@ def locked(path: str | Path, enabled: bool = True):
         os.close(fd)
 
 
-def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in chunks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename the finished folder `new` onto target; an old target is moved aside first and removed after."""
+    new, target = Path(new), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -2,6 +2,9 @@
 
 Paths come in as arguments (dvc.yaml names them); numbers come from params.yaml.
 Every command reads the settings once, through config.load.
+
+Over 300 lines only because there are 18 commands; each is a few lines that call a library
+function (no path layout, no logic).
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def _live_option(f):
 @click.pass_context
 def world(ctx, out_dir: Path) -> None:
     """Generate the embedded demo world (metadata.csv + images/) into OUT_DIR. Seconds."""
-    from skinaug import world as world_mod
+    from skinaug.demo import world as world_mod
 
     cfg = _cfg(ctx)
     df = world_mod.make_world(cfg.world, cfg.subset, out_dir)
@@ -72,17 +75,18 @@ def world(ctx, out_dir: Path) -> None:
 @click.pass_context
 def subset(ctx, metadata_csv: Path, out_csv: Path, table: Path | None) -> None:
     """Keep the study's 7 labels x FST {1,2,5,6}, original columns and row order."""
-    from skinaug import atomic, data
+    from skinaug import atomic
+    from skinaug.data import fitzpatrick
 
     cfg = _cfg(ctx)
-    meta = data.load_metadata(metadata_csv, cfg.data.metadata_md5)
-    df = data.study_subset(meta, cfg.subset)
+    meta = fitzpatrick.load_metadata(metadata_csv, cfg.data.metadata_md5)
+    df = fitzpatrick.study_subset(meta, cfg.subset)
     atomic.write_csv(out_csv, df)
     if table is not None:
-        atomic.write_text(table, data.table1(df))
-    unknown = int(data.unknown_skin_type(meta).sum())
+        atomic.write_text(table, fitzpatrick.table1(df))
+    unknown = int(fitzpatrick.unknown_skin_type(meta).sum())
     click.echo(f"subset: {len(df)} of {len(meta)} rows -> {out_csv} "
-               f"({unknown} of unknown skin type, fitzpatrick_scale {data.UNKNOWN_SCALE}, dropped)")
+               f"({unknown} of unknown skin type, fitzpatrick_scale {fitzpatrick.UNKNOWN_SCALE}, dropped)")
 
 
 @main.command()
@@ -93,10 +97,10 @@ def subset(ctx, metadata_csv: Path, out_csv: Path, table: Path | None) -> None:
 @click.pass_context
 def images(ctx, subset_csv: Path, out_dir: Path, available: Path, failures: Path) -> None:
     """Fetch every subset image into OUT_DIR/{md5hash}.jpg (local folder or download; resumes)."""
-    from skinaug import data
+    from skinaug.data import fitzpatrick
 
     cfg = _cfg(ctx)
-    data.collect_images(subset_csv, out_dir, available, failures, cfg.data, cfg.download)
+    fitzpatrick.collect_images(subset_csv, out_dir, available, failures, cfg.data, cfg.download)
 
 
 @main.command()
@@ -111,7 +115,7 @@ def images(ctx, subset_csv: Path, out_dir: Path, available: Path, failures: Path
 def splits(ctx, subset_csv: Path, out_dir: Path, scenario: int | None, seed: int, sampling: str | None,
            images_dir: Path | None) -> None:
     """Write OUT_DIR/{train,test,flex_light,flex_dark}.csv for one scenario and seed."""
-    from skinaug import splits as splits_mod
+    from skinaug.data import splits as splits_mod
 
     cfg = _cfg(ctx)
     scenario = config.check_scenario(cfg.scenario if scenario is None else scenario)
@@ -124,10 +128,10 @@ def splits(ctx, subset_csv: Path, out_dir: Path, scenario: int | None, seed: int
 @click.pass_context
 def base(ctx, out_dir: Path) -> None:
     """Materialise the base model as a local diffusers folder (hub download, local copy or the tiny demo model)."""
-    from skinaug import diffusion
+    from skinaug.diffusion import base
 
     cfg = _cfg(ctx)
-    diffusion.prepare_base(cfg.model, out_dir)
+    base.prepare_base(cfg.model, out_dir)
 
 
 @main.command("textual_inversion")
@@ -141,7 +145,8 @@ def base(ctx, out_dir: Path) -> None:
 def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, seed: int,
                       live_dir: Path | None) -> None:
     """Learn one token per label on that label's training images (all seven in one job)."""
-    from skinaug import finetune, launch
+    from skinaug import launch
+    from skinaug.diffusion import finetune
 
     cfg = _cfg(ctx)
     if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
@@ -162,7 +167,8 @@ def textual_inversion(ctx, split_dir: Path, images_dir: Path, base_dir: Path, ou
 def lora(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Path, ti_dir: Path | None, seed: int,
          live_dir: Path | None) -> None:
     """Fine-tune the UNet with LoRA on prompts naming the learned tokens and the skin type."""
-    from skinaug import finetune, launch
+    from skinaug import launch
+    from skinaug.diffusion import finetune
 
     cfg = _cfg(ctx)
     if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
@@ -189,8 +195,8 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
              ti_dir: Path | None, lora_dirs: tuple[Path, ...], strategy: str | None, sources_per_label: int,
              seed: int) -> None:
     """Synthesise dark-skin versions of every training image (img2img); resumes where it stopped."""
-    from skinaug import generate as generate_mod
     from skinaug import launch
+    from skinaug.diffusion import generate as generate_mod
 
     cfg = _cfg(ctx)
     if launch.relaunch_if_asked(cfg, sys.argv[1:]):  # launch.processes > 1: this command ran under accelerate
@@ -206,7 +212,7 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
 @click.argument("out_json", type=PathArg)
 @click.option("--syn-dir", type=ExistingPath, default=None, help="Synthetic images with manifest.csv (syn, real_syn).")
 @click.option("--arch", type=click.Choice(config.ARCHS), required=True, help="Classifier architecture.")
-@click.option("--train-type", required=True, type=click.Choice(["real", "syn", "real_syn"]))
+@click.option("--train-type", required=True, type=click.Choice(config.TRAIN_TYPES))
 @click.option("--test", "test_names", multiple=True, default=["test"], show_default=True,
               help="Split CSV(s) to test on (test, flex_light, flex_dark); with several, OUT_JSON holds {test}.")
 @click.option("--keep", type=ExistingPath, default=None,
@@ -218,7 +224,7 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
              arch: str, train_type: str, test_names: tuple[str, ...], keep: Path | None, seed: int,
              live_dir: Path | None) -> None:
     """Train one classifier and write its metrics (JSON) on each test set."""
-    from skinaug import classify as classify_mod
+    from skinaug.classify import classifiers as classify_mod
 
     cfg = _cfg(ctx)
     if len(test_names) > 1 and "{test}" not in str(out_json):
@@ -242,7 +248,7 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
 @click.pass_context
 def reference(ctx, split_dir: Path, images_dir: Path, out_pt: Path, seed: int) -> None:
     """Train the reference classifier (quality.arch, real training images only) that quality and select use."""
-    from skinaug import classify as classify_mod
+    from skinaug.classify import classifiers as classify_mod
 
     cfg = _cfg(ctx)
     info = classify_mod.train_reference(split_dir, images_dir, out_pt, cfg.quality.arch, cfg, seed)
@@ -264,7 +270,7 @@ def quality(ctx, split_dir: Path, images_dir: Path, syn_dir: Path, out_dir: Path
             metrics_json: Path, title: str, seed: int) -> None:
     """Measure synthetic images against real ones of the requested skin type (FD, KID, precision/recall,
     density/coverage, lesion kept, tone moved): tables, figures and quality.md in OUT_DIR."""
-    from skinaug import quality as quality_mod
+    from skinaug.classify import quality as quality_mod
 
     cfg = _cfg(ctx)
     head = quality_mod.run(split_dir, images_dir, syn_dir, reference_pt, out_dir, metrics_json, cfg, seed,
@@ -281,7 +287,7 @@ def quality(ctx, split_dir: Path, images_dir: Path, syn_dir: Path, out_dir: Path
 @click.pass_context
 def select(ctx, syn_dir: Path, out_dir: Path, reference_pt: Path) -> None:
     """Keep the synthetic images select.rules accept ([] keeps all): OUT_DIR/kept.csv and counts."""
-    from skinaug import select as select_mod
+    from skinaug.classify import select as select_mod
 
     cfg = _cfg(ctx)
     summary = select_mod.run(syn_dir, reference_pt, out_dir, cfg)
@@ -303,7 +309,7 @@ def select(ctx, syn_dir: Path, out_dir: Path, reference_pt: Path) -> None:
 def report(ctx, metrics_dir: Path, out_dir: Path, split_dir: Path | None, images_dir: Path | None,
            syn_dir: Path | None, tone_dir: Path | None, ablation_dir: Path | None, quality_dir: Path | None) -> None:
     """Aggregate metrics over seeds into the paper's tables and figures (OUT_DIR/results.md, figures/)."""
-    from skinaug import report as report_mod
+    from skinaug.report import results as report_mod
 
     cfg = _cfg(ctx)
     head = report_mod.build_report(metrics_dir, out_dir, cfg, split_dir=split_dir, images_dir=images_dir, syn_dir=syn_dir,
@@ -366,7 +372,7 @@ def sweep_report(out_dir: Path, param: str | None, names: tuple[str, ...], repo_
     Writes OUT_DIR/sweep.md, sweep.csv and sweep.png. Queue a sweep first:
     dvc exp run --queue -S 'generate.strength=0.3,0.5,0.7' && dvc exp run --run-all
     """
-    from skinaug import sweep
+    from skinaug.report import sweep
 
     exps = sweep.select(sweep.experiments(sweep.exp_show(repo_dir)), names)
     table = sweep.write_report(exps, out_dir, *sweep.git_reader(repo_dir), param=param)
@@ -389,7 +395,7 @@ def bench(ctx, tiny: bool, out_dir: Path, device: str, only: str, base: Path | N
 
     Fixed reference settings: runs without params.yaml; with it, the paper profile's study sizes.
     """
-    from skinaug import bench as bench_mod
+    from skinaug.bench import speed as bench_mod
 
     params = Path(ctx.find_root().params["params"])
     cfg = _cfg(ctx) if params.exists() else None
@@ -407,7 +413,7 @@ def gpu_check(out_dir: Path, tiny: bool) -> None:
 
     Writes OUT_DIR/gpu_check.json; benchmarks/gpu_check.sh runs it and `skinaug bench` offline.
     """
-    from skinaug import gpucheck
+    from skinaug.bench import gpucheck
 
     result = gpucheck.run(out_dir, tiny=tiny)
     click.echo(result["table"])

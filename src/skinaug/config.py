@@ -4,6 +4,9 @@ params.yaml is composed by DVC's Hydra integration from conf/ (a `profile` group
 holding `demo` and `paper`), so it always holds the values actually used.
 Unknown keys, missing keys, wrong types, values out of range (RULES) and settings that
 contradict each other (CROSS_RULES) fail with one clear line, before any work starts.
+
+Over 300 lines for one idea: the dataclasses and the rules that check them must be read together
+(a new key is a field, a rule and a test).
 """
 from __future__ import annotations
 
@@ -20,19 +23,26 @@ from typing import Any, NamedTuple
 import yaml
 
 from skinaug import SkinaugError
+from skinaug.classify.archs import ARCHITECTURES
+from skinaug.diffusion.strategies import STRATEGIES as GENERATION_STRATEGIES
 
 SCENARIOS = (1, 2, 3)
 
-# The allowed names, one home. classify, generate and prompts key their tables by these and
-# assert at import that the keys match; kept here because config must stay light (no torch).
-ARCHS = ("vgg16", "resnet18", "vit_b_16")  # torchvision classifiers (classify._WEIGHTS)
-STRATEGIES = ("img2img_ti_lora", "img2img_ti", "img2img_lora", "img2img_vanilla",  # generate.STRATEGIES
-              "txt2img_ti", "txt2img_vanilla")
-SELECTIONS = ("last", "val", "test_reference")  # model selection rules (classify.SELECTION_LABELS)
+# The allowed names, one home. Classifiers and strategies are rows of their own light tables (no
+# torch); prompts keys its tables by these and asserts at import that the keys match.
+ARCHS = tuple(ARCHITECTURES)  # torchvision classifiers (classify/archs.py)
+STRATEGIES = tuple(GENERATION_STRATEGIES)  # generation strategies (diffusion/strategies.py)
+SELECTION_LABELS = {  # model selection rules (classify.classifiers.fit) and how the metrics and report name them
+    "last": "last epoch",
+    "val": "lowest validation loss (real training images held out, stratified by label)",
+    "test_reference": "REFERENCE RULE: lowest TEST loss after epoch 10 (leaks the test set; not an honest estimate)",
+}
+SELECTIONS = tuple(SELECTION_LABELS)
+TRAIN_TYPES = ("real", "syn", "real_syn")  # what a classifier trains on: real images, synthetic ones, or both
 TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
 SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
 FEATURES = ("classifier", "dinov2")  # image features the quality measures compare (quality.EXTRACTORS)
-SELECT_RULES = ("tone", "lesion", "best_n")  # what the select stage may drop by (select.RULES)
+SELECT_RULES = ("tone", "lesion", "best_n")  # what the select stage may drop by, in the order it applies them
 DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; model.device also takes cuda:K (one card, DEVICE_RE)
 DEVICE_RE = r"cuda:(\d+)"  # model.device naming card K; bench's --device stays with DEVICES
 VIT_PRETRAINED_SIZE = 224  # the only input side ImageNet vit_b_16 weights take (classify.crop_size)

@@ -11,16 +11,15 @@ The folder appears whole or not at all (built beside it, then renamed).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
-from skinaug import SkinaugError, atomic, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, hashing, prompts
 from skinaug.config import GenerateConfig
-
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name for load_lora_weights
+from skinaug.data import fitzpatrick
+from skinaug.diffusion import adapters, sd21
 
 
 def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path, split_dir: Path,
@@ -46,7 +45,7 @@ def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path
         for _, src in tokens:
             copied.append(_copy(src, tmp / "ti" / src.name))
         for name, src in loras.items():
-            copied.append(_copy(src, tmp / "lora" / name / LORA_FILE if name else tmp / "lora" / LORA_FILE))
+            copied.append(_copy(src, adapters.lora_file(tmp / "lora", name)))
         lora_settings = _settings(Path(lora_dir) / "lora.json")
         card = model_card(
             bundle=out_dir, tokens=[(t, f"ti/{p.name}") for t, p in tokens], lora_names=sorted(loras),
@@ -54,11 +53,11 @@ def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path
             settings={"textual inversion (ti.json)": _settings(Path(ti_dir) / "ti.json"),
                       "LoRA (lora.json)": lora_settings},
             use_tokens=lora_settings.get("tokens", True) is not False,  # finetune records whether prompts named them
-            files={p.relative_to(tmp).as_posix(): (atomic.file_hash(p), p.stat().st_size) for p in copied},
+            files={p.relative_to(tmp).as_posix(): (hashing.file_digest(p), p.stat().st_size) for p in copied},
             generate=generate, resolution=resolution, data_source=data_source,
         )
         (tmp / "README.md").write_text(card)
-        _replace_dir(tmp, out_dir)
+        atomic.replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"export: {len(tokens)} token(s), {len(loras)} LoRA file(s) -> {out_dir}")
@@ -68,30 +67,26 @@ def export_bundle(out_dir: Path, *, ti_dir: Path, lora_dir: Path, base_dir: Path
 def token_files(ti_dir: Path, seed: int, scenario: int, base_dir: Path) -> list[tuple[str, Path]]:
     """(token, file) for every learned-token file, each checked against the base; the token is read from
     the file, not its name."""
-    files = sorted(Path(ti_dir).glob("*.safetensors")) if Path(ti_dir).is_dir() else []
-    if not files:
+    found = adapters.tokens_in(ti_dir, base_dir) if any(Path(ti_dir).glob("*.safetensors")) else {}
+    if not found:
         raise SkinaugError(_missing("textual-inversion tokens", ti_dir, "textual_inversion", seed, scenario))
-    return list(zip(diffusion.check_token_files(base_dir, files), files))
+    return list(found.items())
 
 
 def lora_files(lora_dir: Path, seed: int, scenario: int, base_dir: Path) -> dict[str, Path]:
-    """{"": file} for one joint LoRA, {name: file} per label in per_label mode, each checked against the base."""
-    lora_dir = Path(lora_dir)
-    if (lora_dir / LORA_FILE).is_file():
-        files = {"": lora_dir / LORA_FILE}
-    else:
-        files = {p.parent.name: p for p in sorted(lora_dir.glob(f"*/{LORA_FILE}"))}
+    """adapter name -> file (adapters.JOINT, or one per label in per_label mode), each checked against the base."""
+    files = adapters.loras_in(lora_dir)
     if not files:
         raise SkinaugError(_missing("LoRA weights", lora_dir, "lora", seed, scenario))
-    diffusion.check_lora_files(base_dir, list(files.values()))
+    adapters.check_lora_files(base_dir, list(files.values()))
     return files
 
 
 def split_summary(train_csv: Path) -> dict:
-    df = data.read_table(train_csv)
+    df = fitzpatrick.read_table(train_csv)
     counts = pd.crosstab(df["label"], df["fitzpatrick_scale"], margins=True, margins_name="total")
     counts.columns = [f"FST {c}" if c != "total" else c for c in counts.columns]
-    return {"path": str(train_csv), "size": len(df), "sha256": atomic.file_hash(train_csv), "counts": counts}
+    return {"path": str(train_csv), "size": len(df), "sha256": hashing.file_digest(train_csv), "counts": counts}
 
 
 def model_card(*, bundle: Path, tokens: list[tuple[str, str]], lora_names: list[str], base: dict,
@@ -100,7 +95,7 @@ def model_card(*, bundle: Path, tokens: list[tuple[str, str]], lora_names: list[
     label_of = {t: label for label, t in prompts.TOKENS.items()}
     first = tokens[0][0]
     prompt = (prompts.skin_prompt(label_of[first], max(prompts.TONES), use_tokens) if first in label_of
-              else prompts.LORA_TEMPLATE.format(condition=first, tone=prompts.TONES[max(prompts.TONES)]))
+              else prompts.skin_text(first, max(prompts.TONES)))
     lines = [
         f"# skinaug adapters: scenario {scenario}, seed {seed}",
         "",
@@ -162,7 +157,7 @@ def _load_code(bundle: Path, tokens, lora_names, base: dict, prompt: str, genera
         "pipe = StableDiffusionImg2ImgPipeline.from_pretrained(base, revision=revision, dtype=dtype).to(device)",
         *(f'pipe.load_textual_inversion(bundle / "{path}", token="{token}")' for token, path in tokens),
     ]
-    if lora_names == [""]:
+    if lora_names == [adapters.JOINT]:
         code.append('pipe.load_lora_weights(bundle / "lora")')
     else:
         code += [f'pipe.load_lora_weights(bundle / "lora" / "{n}", adapter_name="{n}")' for n in lora_names]
@@ -199,11 +194,11 @@ def _missing(what: str, folder: Path, stage: str, seed: int, scenario: int) -> s
 
 def _base_info(base_dir: Path) -> dict:
     """Who made the base, from the folder the adapters are checked against."""
-    diffusion.check_base(base_dir)
-    if not (Path(base_dir) / diffusion.BASE_INFO).is_file():
-        raise SkinaugError(f"no {diffusion.BASE_INFO} in {base_dir} to name the base model: "
-                           f"`dvc pull {Path(base_dir) / diffusion.BASE_INFO}` fetches it, `dvc repro base` makes it")
-    return diffusion.base_info(base_dir)
+    sd21.check_base(base_dir)
+    if not (Path(base_dir) / sd21.BASE_INFO).is_file():
+        raise SkinaugError(f"no {sd21.BASE_INFO} in {base_dir} to name the base model: "
+                           f"`dvc pull {Path(base_dir) / sd21.BASE_INFO}` fetches it, `dvc repro base` makes it")
+    return sd21.base_info(base_dir)
 
 
 def _settings(path: Path) -> dict:
@@ -214,15 +209,3 @@ def _copy(src: Path, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)  # a real copy: never a link into the DVC cache
     return dst
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename new onto target; an old target is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -84,9 +84,9 @@ def relaunch_if_asked(cfg: Config, argv: list[str]) -> bool:
     if cfg.model.device.startswith("cuda"):  # checked here once, not in every launched process
         import torch
 
-        from skinaug import diffusion  # torch: only when a card is named
+        from skinaug.diffusion import sd21  # torch: only when a card is named
 
-        diffusion.pick_device(cfg.model.device)
+        sd21.pick_device(cfg.model.device)
         count = torch.cuda.device_count()
     cmd = command(cfg, argv, count, machine_rank(cfg.launch))
     print(f"launch: {cfg.launch.processes} processes: accelerate launch {' '.join(cmd[3:])}", file=sys.stderr,

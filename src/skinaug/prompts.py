@@ -27,8 +27,10 @@ TONES = {
     6: "a very dark-skinned",
 }
 
-LORA_TEMPLATE = "An image of {condition} on the skin of {tone} individual"
-TXT2IMG_VANILLA_TEMPLATE = LORA_TEMPLATE  # ablation: the plain condition name in the same sentence
+# The one sentence naming a condition on a skin type: what the LoRA trains on, generation prompts
+# with (skin_prompt), and the demo world's web corpus is captioned with (skin_text), so that the
+# tiny demo base has seen the sentence it is later prompted with.
+SKIN_TEMPLATE = "An image of {condition} on the skin of {tone} individual"
 
 # Textual-inversion templates, by textual_inversion.templates. "authors": the 11 neutral templates
 # the authors train with (`skin_disease_prompt` in their textual_inversion.py); "imagenet": the
@@ -64,7 +66,12 @@ def condition_text(label: str, use_tokens: bool) -> str:
 
 def skin_prompt(label: str, fitzpatrick_scale: int, use_tokens: bool = True) -> str:
     """'An image of <pso-class> on the skin of a dark-skinned individual'."""
-    return LORA_TEMPLATE.format(condition=condition_text(label, use_tokens), tone=TONES[int(fitzpatrick_scale)])
+    return skin_text(condition_text(label, use_tokens), fitzpatrick_scale)
+
+
+def skin_text(condition: str, fitzpatrick_scale: int) -> str:
+    """SKIN_TEMPLATE for any condition wording (a token, a label, a web caption's "a mole")."""
+    return SKIN_TEMPLATE.format(condition=condition, tone=TONES[int(fitzpatrick_scale)])
 
 
 def ti_prompt(label: str, template_index: int, templates: str = "authors") -> str:
@@ -74,7 +81,7 @@ def ti_prompt(label: str, template_index: int, templates: str = "authors") -> st
 
 def vocabulary_words() -> set[str]:
     """Every word our prompts use (the tiny demo tokenizer gives each its own token)."""
-    texts = [LORA_TEMPLATE, *(t for ts in TI_TEMPLATES.values() for t in ts), *TOKENS, *TONES.values(), "skin"]
+    texts = [SKIN_TEMPLATE, *(t for ts in TI_TEMPLATES.values() for t in ts), *TOKENS, *TONES.values(), "skin"]
     words = set()
     for text in texts:
         text = text.lower().replace("{}", " ").replace("{condition}", " ").replace("{tone}", " ")

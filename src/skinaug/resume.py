@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -92,11 +91,7 @@ class Work:
         if self.processes.is_main_process:
             for name in (CHECKPOINT, FINGERPRINT):
                 (self.path / name).unlink(missing_ok=True)
-            old = self._old()
-            if self.out.exists():
-                os.replace(self.out, old)
-            os.replace(self.path, self.out)
-            shutil.rmtree(old, ignore_errors=True)
+            atomic.replace_dir(self.path, self.out)
         self.processes.wait_for_everyone()
 
     def discard(self) -> None:

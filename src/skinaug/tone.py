@@ -6,7 +6,7 @@ A lesion is not skin, so the estimate uses the pixels closest to the image's dom
 colour (the half of the pixels nearest the median L*a*b*), which ignores a lesion
 covering less than about half the image.
 
-    skinaug tone data/splits/scenario1/seed0 data/images data/synthetic/scenario1/seed0 reports/tone
+    skinaug tone data/splits/scenario1/seed0 data/images reports/tone --syn-dir data/synthetic/scenario1/seed0
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, data
+from skinaug import SkinaugError, atomic
+from skinaug.data import fitzpatrick
 
 # Chardon's ITA classes, and the band we expect for each Fitzpatrick type (lower, upper).
 ITA_CLASSES = [(55, "very light"), (41, "light"), (28, "intermediate"), (10, "tan"), (-30, "brown"), (-90, "dark")]
@@ -78,14 +79,14 @@ def tone_table(split_dir: Path, images_dir: Path, syn_dir: Path | None, light: l
     """One row per image: group (GROUPS; synthetic by its source's type), fitzpatrick_scale, ITA."""
     rows = []
     for split in ("train", "test"):
-        df = data.read_table(Path(split_dir) / f"{split}.csv")
+        df = fitzpatrick.read_table(Path(split_dir) / f"{split}.csv")
         values = measure([Path(images_dir) / f"{m}.jpg" for m in df.md5hash])
         for (_, row), value in zip(df.iterrows(), values):
             group = "real light" if row.fitzpatrick_scale in light else "real dark"
             rows.append({"group": group, "split": split, "md5hash": row.md5hash, "label": row.label,
                          "fitzpatrick_scale": int(row.fitzpatrick_scale), "ita": value})
     if syn_dir is not None:
-        manifest = data.read_table(Path(syn_dir) / "manifest.csv")
+        manifest = fitzpatrick.read_table(Path(syn_dir) / "manifest.csv")
         values = measure([Path(syn_dir) / f for f in manifest.file])
         for (_, row), value in zip(manifest.iterrows(), values):
             source = int(row.source_fitzpatrick_scale)

@@ -1,7 +1,8 @@
 """What the generator made, measured per requested skin type and label (issue 17).
 
     skinaug quality data/splits/scenario1/seed0 data/images data/synthetic/scenario1/seed0 \
-        reports/quality/scenario1/seed0 --reference models/scenario1/seed0/reference.pt --seed 0
+        reports/quality/scenario1/seed0 --reference models/scenario1/seed0/reference.pt \
+        --metrics reports/quality/scenario1/metrics_seed0.json --title "scenario 1, seed 0" --seed 0
 
 Against a reference set of real images of the requested skin type (never the test split):
 
@@ -22,6 +23,9 @@ The reference set of a skin type is its real images in the split's CSVs other th
 images (scenario 2's are the dark flexible subset), scenario 3, which trains on light skin only,
 uses the dark flexible subset (neither trained nor tested on there). Every table names it with
 its counts. Seconds in the demo; minutes on a GPU in the paper profile (DINOv2 over ~8,000 images).
+
+One module, over 300 lines, for one idea: one table of measures per synthetic image and their
+summaries; the figures read that table and nothing else.
 """
 from __future__ import annotations
 
@@ -36,8 +40,11 @@ from scipy.spatial.distance import cdist
 from torch import nn
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic, classify, data, diffusion, tone
+from skinaug import SkinaugError, atomic, tone
+from skinaug.classify import classifiers
 from skinaug.config import FEATURES, Config
+from skinaug.data import fitzpatrick
+from skinaug.diffusion import sd21
 
 REFERENCE_SPLITS = ("train", "flex_light", "flex_dark")  # where reference images may come from; never test
 EVAL_BATCH = 64  # images per forward pass (memory only: eval mode, no batch statistics)
@@ -136,8 +143,8 @@ def classifier_pass(model: nn.Module, paths: list[str], cfg: Config, device: tor
     logps = []
     try:
         for batch in tqdm(_chunks(paths), desc="reference classifier", leave=False):
-            images = classify.decode_images(batch, cfg.classify.image_size).to(device)
-            logps.append(model(classify.eval_view(images, cfg.classify.crop_size)).cpu())
+            images = classifiers.decode_images(batch, cfg.classify.image_size).to(device)
+            logps.append(model(classifiers.eval_view(images, cfg.classify.crop_size)).cpu())
     finally:
         hook.remove()
     return torch.cat(caught).double().numpy(), torch.cat(logps).double().numpy()
@@ -163,8 +170,8 @@ def dinov2_features(model: nn.Module, paths: list[str], cfg: Config, device: tor
     quality.image_size, ImageNet normalisation."""
     out = []
     for batch in tqdm(_chunks(paths), desc="DINOv2 features", leave=False):
-        images = classify.decode_images(batch, cfg.quality.image_size).to(device)
-        out.append(model(pixel_values=classify.normalise(images.float() / 255)).pooler_output.cpu())
+        images = classifiers.decode_images(batch, cfg.quality.image_size).to(device)
+        out.append(model(pixel_values=classifiers.normalise(images.float() / 255)).pooler_output.cpu())
     return torch.cat(out).double().numpy()
 
 
@@ -178,8 +185,8 @@ def reference_rows(split_dir: Path) -> pd.DataFrame:
     """Real images that may stand as the reference: REFERENCE_SPLITS' rows (a `source` column names
     the CSV) less every test.csv image; each image once, under the first CSV that has it."""
     split_dir = Path(split_dir)
-    test = set(data.read_table(split_dir / "test.csv").md5hash) if (split_dir / "test.csv").exists() else set()
-    parts = [data.read_table(split_dir / f"{name}.csv").assign(source=name)
+    test = set(fitzpatrick.read_table(split_dir / "test.csv").md5hash) if (split_dir / "test.csv").exists() else set()
+    parts = [fitzpatrick.read_table(split_dir / f"{name}.csv").assign(source=name)
              for name in REFERENCE_SPLITS if (split_dir / f"{name}.csv").exists()]
     if not parts:
         raise SkinaugError(f"{split_dir} holds none of {', '.join(f'{n}.csv' for n in REFERENCE_SPLITS)}: "
@@ -208,7 +215,7 @@ def per_image(split_dir: Path, images_dir: Path, syn_dir: Path, model: nn.Module
     lesion_kept, and nearest_ref (feature distance to the nearest reference image of the
     requested type: small = like some real image).
     """
-    manifest = data.read_table(Path(syn_dir) / "manifest.csv")
+    manifest = fitzpatrick.read_table(Path(syn_dir) / "manifest.csv")
     unknown = sorted(set(manifest.label) - set(labels))
     if unknown:
         raise SkinaugError(f"synthetic images of labels not in subset.labels: {', '.join(unknown)}; "
@@ -382,8 +389,8 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path, reference: Path, out_d
     into metrics_json."""
     assert cfg.quality.features in FEATURES
     out_dir = Path(out_dir)
-    device = diffusion.pick_device(cfg.model.device)
-    model, labels = classify.load_reference(reference, cfg, device)
+    device = sd21.pick_device(cfg.model.device)
+    model, labels = classifiers.load_reference(reference, cfg, device)
     table, syn_feat, ref, ref_feat = per_image(split_dir, images_dir, syn_dir, model, labels, cfg, device)
     by_type = group_scores(table, syn_feat, ref, ref_feat, ["fitzpatrick_scale"], cfg, seed)
     by_source = group_scores(table, syn_feat, ref, ref_feat, ["source_fitzpatrick_scale", "fitzpatrick_scale"],

@@ -15,6 +15,9 @@ Expect on an H200 (../shared/BENCHMARKS.md): the reference generation loop at ab
 2.4 images/s, 27 % of the bf16 matmul rate; identical-settings generation cannot beat it by
 more than about 3.7x. Training figures are per update; end-to-end TI and the study estimate
 add the measured model loading and caching costs (see study_estimate).
+
+Over 300 lines: each reference implementation sits beside ours so that the two are timed alike;
+it is set apart from the method (nothing in the pipeline imports bench/).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,33 +42,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from skinaug import atomic, config, diffusion, prompts
-from skinaug.diffusion import SD21_BASE_SCHEDULER
-
-# --- Stable Diffusion 2.1 base, from its configs (unet/, vae/, text_encoder/config.json) ----------
-# Parameter counts: UNet 865.9 M, VAE 83.7 M, text encoder 340.4 M (checked by the tests).
-
-SD21_BASE_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 1024, "use_linear_projection": True, "flip_sin_to_cos": True, "freq_shift": 0,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-}
-SD21_BASE_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "act_fn": "silu", "norm_num_groups": 32,
-    "sample_size": 768,  # as in the hub config (only used for tiling); the model runs at 512 px
-    "scaling_factor": 0.18215,  # the config's value; code reads vae.config.scaling_factor
-}
-SD21_BASE_TEXT_ENCODER = {  # OpenCLIP ViT-H/14 text tower; the vocabulary does not change speed
-    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
-    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512,
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,  # our tokenizer's ids
-}
-
+from skinaug import atomic, config, paper, prompts
+from skinaug.data import trainset
+from skinaug.diffusion import sd21, training
+from skinaug.diffusion.sd21 import SD21_BASE_SCHEDULER, SD21_BASE_TEXT_ENCODER, SD21_BASE_UNET, SD21_BASE_VAE
 
 # --- what is measured ------------------------------------------------------------------------------
 
@@ -104,30 +84,31 @@ WORKLOADS = ("generation", "ti", "lora", "classifiers")
 
 @dataclass(frozen=True)
 class Study:
-    """The paper profile's whole study (SPEC §2-5): what the GPU-hour estimate multiplies."""
-    seeds: int = 5
-    tokens: int = 7
-    ti_steps: int = 500  # optimiser updates per token
-    ti_images_per_step: int = 16  # batch 4 x gradient accumulation 4, per token
-    lora_steps: int = 3000
-    lora_batch: int = 4
-    per_source: int = 5
-    train_images: dict = field(default_factory=lambda: {1: 1519, 2: 1284, 3: 1228})  # per scenario (SPEC §2)
-    test_images: dict = field(default_factory=lambda: {1: 56, 2: 291, 3: 291})
-    classifier_archs: tuple[str, ...] = ("vgg16", "resnet18", "vit_b_16")
-    classifier_epochs: int = 30  # an epoch draws as many images as the training set holds
+    """The paper profile's whole study (SPEC §2-5): what the GPU-hour estimate multiplies (Study.of)."""
+    seeds: int
+    tokens: int
+    ti_steps: int  # optimiser updates per token
+    ti_images_per_step: int  # batch x gradient accumulation, per token
+    lora_steps: int
+    lora_batch: int
+    per_source: int
+    train_images: dict  # per scenario (paper.SPLIT_SIZES)
+    test_images: dict
+    classifier_archs: tuple[str, ...]
+    classifier_epochs: int  # an epoch draws as many images as the training set holds
 
     @classmethod
     def of(cls, cfg: config.Config | None) -> Study:
-        """The SPEC's numbers, or params' when params are the paper profile."""
-        study = cls()
+        """The paper profile's numbers: params' when params are the paper profile, else conf/'s."""
         if cfg is None or cfg.profile != "paper":
-            return study
+            cfg = paper_config()
         ti, cl = cfg.textual_inversion, cfg.classify
-        return replace(study, seeds=len(cfg.splits.seeds), tokens=len(cfg.subset.labels), ti_steps=ti.steps,
-                       ti_images_per_step=ti.batch_size * ti.grad_accum, lora_steps=cfg.lora.steps,
-                       lora_batch=cfg.lora.batch_size, per_source=cfg.generate.per_source,
-                       classifier_archs=tuple(cl.archs), classifier_epochs=cl.epochs)
+        return cls(seeds=len(cfg.splits.seeds), tokens=len(cfg.subset.labels), ti_steps=ti.steps,
+                   ti_images_per_step=ti.batch_size * ti.grad_accum, lora_steps=cfg.lora.steps,
+                   lora_batch=cfg.lora.batch_size, per_source=cfg.generate.per_source,
+                   train_images={sc: n for sc, (n, _) in paper.SPLIT_SIZES.items()},
+                   test_images={sc: n for sc, (_, n) in paper.SPLIT_SIZES.items()},
+                   classifier_archs=tuple(cl.archs), classifier_epochs=cl.epochs)
 
 
 REFERENCE_LOADER_WORKERS = 4  # ASSUMED DataLoader workers decoding images for the reference classifiers
@@ -254,7 +235,7 @@ def image_flops(pipe, resolution: int, per_source: int, unet_calls: int, guidanc
 
 def build_base(out_dir: Path, s: Settings, device: torch.device, seed: int = 0) -> Path:
     """A diffusers folder with random weights: the SD 2.1-base architecture, or with --tiny the tiny model."""
-    from skinaug import tinymodel
+    from skinaug.demo import tinymodel
 
     if s.tiny:
         return tinymodel.build(out_dir, seed=seed, resolution=s.resolution)
@@ -349,12 +330,12 @@ def ours_generation(cfg: config.Config, rows: list[dict], images_dir: Path, devi
     (the labelled different setting) DPM-Solver++ at fast_steps."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from skinaug import generate
+    from skinaug.diffusion import generate
 
     strategy = generate.strategy_of("img2img_vanilla")  # no adapters in either path (benchmarks/README.md)
     start = time.perf_counter()
     pipe = generate.load_pipeline(Path(cfg.model.base), strategy, {}, {}, cfg, device,
-                                  diffusion.weight_dtype(cfg.model, device))
+                                  sd21.weight_dtype(cfg.model, device))
     sync(device)
     out = {"load_s": time.perf_counter() - start, "images_per_call": len(rows)}
 
@@ -393,22 +374,16 @@ def image_difference(a: list, b: list) -> dict:
             "mean_colour": float(np.abs(x.mean((1, 2)) - y.mean((1, 2))).mean()), "mean_abs_ita": float(np.mean(ita))}
 
 
-def _source(path: Path, resolution: int) -> Image.Image:
-    """A source image as the reference (and generate.py) feed it: RGB, bilinear to a square."""
-    with Image.open(path) as im:
-        return im.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
-
-
 def bench_generation(base_dir: Path, cfg: config.Config, train, images_dir: Path, s: Settings,
                      device: torch.device, ceiling: float) -> dict:
     """Reference loop and our batched call at the same sampler settings, then the faster sampler."""
-    from skinaug import diffusion, generate
+    from skinaug.diffusion import generate, sd21
 
     prompt = prompts.skin_prompt("psoriasis", 6, use_tokens=False)
     md5s = list(train.md5hash)
-    sources = [_source(images_dir / f"{m}.jpg", s.resolution) for m in md5s]
+    sources = [trainset.open_image(images_dir / f"{m}.jpg", s.resolution) for m in md5s]
     ref = reference_generation(base_dir, sources, prompt, s, device)
-    batch = generate.batch_size(cfg, device, diffusion.weight_dtype(cfg.model, device))
+    batch = generate.batch_size(cfg, device, sd21.weight_dtype(cfg.model, device))
     rows = generation_rows(md5s, max(batch, s.per_source * min(s.ref_sources, 2)), s.per_source, prompt)
     ours = ours_generation(cfg, rows, images_dir, device, s.fast_steps)
     fast = ours.pop("fast")
@@ -600,7 +575,7 @@ def ours_textual_inversion(cfg: config.Config, train_csv: Path, images_dir: Path
                            s: Settings, device: torch.device) -> dict:
     """Our joint run over all seven tokens (finetune.train_textual_inversion), and the cost of
     caching one more image's VAE posteriors (what a larger split adds to the fixed cost)."""
-    from skinaug import finetune
+    from skinaug.diffusion import finetune
 
     ti = cfg.textual_inversion
     images = len(cfg.subset.labels) * ti.batch_size * ti.grad_accum
@@ -614,11 +589,11 @@ def _caching_cost(cfg: config.Config, images_dir: Path, device: torch.device) ->
     and the VAE posterior of both flips (diffusion.latent_moments), 8 images per call."""
     from diffusers import AutoencoderKL
 
-    from skinaug import diffusion
+    from skinaug.diffusion import sd21
 
     res = cfg.model.resolution
     vae = AutoencoderKL.from_pretrained(cfg.model.base, subfolder="vae").to(
-        device, diffusion.weight_dtype(cfg.model, device))
+        device, sd21.weight_dtype(cfg.model, device))
     paths = sorted(Path(images_dir).glob("*.jpg"))[:8]
 
     @torch.no_grad()
@@ -629,7 +604,7 @@ def _caching_cost(cfg: config.Config, images_dir: Path, device: torch.device) ->
                 array = np.asarray(im.convert("RGB").resize((res, res), Image.BICUBIC))
             arrays += [array, array[:, ::-1]]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        diffusion.latent_moments(vae, pixels.to(device))
+        training.latent_moments(vae, pixels.to(device))
 
     seconds = timed(cache, device, warmup=1)
     del vae
@@ -640,7 +615,7 @@ def _caching_cost(cfg: config.Config, images_dir: Path, device: torch.device) ->
 def ours_lora(cfg: config.Config, train_csv: Path, images_dir: Path, out_dir: Path, s: Settings,
               device: torch.device) -> dict:
     """Our LoRA run (finetune.train_lora, joint, at the reference's batch size)."""
-    from skinaug import finetune
+    from skinaug.diffusion import finetune
 
     return _ours_run(lambda cb: finetune.train_lora(train_csv, images_dir, Path(cfg.model.base), None, out_dir, cfg,
                                                     seed=0, on_step=cb), device, s, cfg.lora.batch_size)
@@ -667,23 +642,23 @@ def bench_classifiers(archs, images_dir: Path, s: Settings, device: torch.device
     backbone, reference head, batch 256, 224 px). The reference's loop runs the same model but
     decodes and augments every image on the CPU every epoch; its rate is estimated as the slower
     of the model's and REFERENCE_LOADER_WORKERS cores' decoding (measured per core, labelled)."""
-    from skinaug import classify
+    from skinaug.classify import classifiers
 
     n = s.classifier_batch * s.classifier_batches
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, s.classifier_size, s.classifier_size), dtype=torch.uint8, generator=g)
-    data = classify.ImageSet(images.to(device), (torch.arange(n) % 7).to(device), None)
-    warm = classify.ImageSet(data.images[:s.classifier_batch], data.targets[:s.classifier_batch], None)
+    data = classifiers.ImageSet(images.to(device), (torch.arange(n) % 7).to(device), None)
+    warm = classifiers.ImageSet(data.images[:s.classifier_batch], data.targets[:s.classifier_batch], None)
     out = {}
     for arch in archs:
-        model = classify.build_classifier(arch, 7, pretrained=False, freeze_backbone=True,
+        model = classifiers.build_classifier(arch, 7, pretrained=False, freeze_backbone=True,
                                           image_size=s.classifier_crop).to(device)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        epoch = functools.partial(classify.train_one_epoch, model, batch_size=s.classifier_batch,
+        epoch = functools.partial(classifiers.train_one_epoch, model, batch_size=s.classifier_batch,
                                   optimizer=optimizer, crop_size=s.classifier_crop, generator=g)
         epoch(warm)
         seconds = timed(lambda: epoch(data), device)
-        eval_s = timed(lambda: classify.evaluate(model, data, s.classifier_batch, s.classifier_crop), device, warmup=1)
+        eval_s = timed(lambda: classifiers.evaluate(model, data, s.classifier_batch, s.classifier_crop), device, warmup=1)
         out[arch] = {"train_images_per_s": n / seconds, "eval_images_per_s": n / eval_s}
         del model, optimizer
         release()
@@ -799,7 +774,7 @@ def run(out_dir: Path, tiny: bool = False, device: str = "auto", only: tuple[str
     diffusers folder instead of random weights (a real model makes the faster sampler's image
     differences meaningful).
     """
-    dev = diffusion.pick_device(device)
+    dev = sd21.pick_device(device)
     s = settings or (TINY if tiny else FULL)
     study = Study.of(cfg)
     unknown = sorted(set(only) - set(WORKLOADS))
@@ -813,7 +788,7 @@ def run(out_dir: Path, tiny: bool = False, device: str = "auto", only: tuple[str
     with tempfile.TemporaryDirectory(prefix="skinaug-bench-") as tmp:
         tmp = Path(tmp)
         with _stage("model and stand-in data"):
-            base_dir = diffusion.check_base(base) if base else build_base(tmp / "base", s, dev)
+            base_dir = sd21.check_base(base) if base else build_base(tmp / "base", s, dev)
             train, images_dir = write_train_split(tmp / "split", s)
         ours_cfg = ours_config(cfg, s, dev, base_dir)
         precision = ours_cfg.model.mixed_precision

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from skinaug import SkinaugError, atomic, bench, config, diffusion, prompts
+from skinaug import SkinaugError, atomic, config, first_line, prompts
+from skinaug.bench import speed
+from skinaug.diffusion import sd21
 
 RESULT_FILE = "gpu_check.json"
 STRATEGY = "img2img_ti_lora"  # the method: tokens, LoRA and img2img together
@@ -52,14 +54,14 @@ class Smoke:
     classifier_sizes: tuple[int, int] | None = None  # (image_size, crop_size); None: the paper's
 
 
-FULL = Smoke(tiny=False, resolution=bench.FULL.resolution, image_size=bench.FULL.image_size)
-TINY = Smoke(tiny=True, resolution=bench.TINY.resolution, image_size=bench.TINY.image_size, gen_steps=4, compare_rows=4,
-             classifier_sizes=(bench.TINY.classifier_size, bench.TINY.classifier_crop))
+FULL = Smoke(tiny=False, resolution=speed.FULL.resolution, image_size=speed.FULL.image_size)
+TINY = Smoke(tiny=True, resolution=speed.TINY.resolution, image_size=speed.TINY.image_size, gen_steps=4, compare_rows=4,
+             classifier_sizes=(speed.TINY.classifier_size, speed.TINY.classifier_crop))
 
 
 def smoke_config(s: Smoke, device: torch.device, base_dir: Path) -> config.Config:
     """The paper profile (composed from conf/) at the smoke's sizes, bf16 on a GPU, checked as params are."""
-    cfg = bench.paper_config()
+    cfg = speed.paper_config()
     ti, lo, g, c = cfg.textual_inversion, cfg.lora, cfg.generate, cfg.classify
     image_size, crop_size = s.classifier_sizes or (c.image_size, c.crop_size)
     cfg = replace(
@@ -76,7 +78,7 @@ def smoke_config(s: Smoke, device: torch.device, base_dir: Path) -> config.Confi
 
 def stand_in_split(folder: Path, s: Smoke) -> None:
     """folder/split/{train,test}.csv and folder/images/: one training source and one test image per label."""
-    train, _ = bench.write_train_split(folder, replace(bench.FULL, per_label=2, image_size=s.image_size))
+    train, _ = speed.write_train_split(folder, replace(speed.FULL, per_label=2, image_size=s.image_size))
     first = train.groupby("label").cumcount() == 0
     atomic.write_csv(folder / "split" / "train.csv", train[first])
     atomic.write_csv(folder / "split" / "test.csv", train[~first])
@@ -100,24 +102,24 @@ class _Check:
             entry["error"] = f"skipped: needs {', '.join(missing)}"
             return self._record(name, entry)
         print(f"gpu-check: {name}...", flush=True)
-        bench.release()
+        speed.release()
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
             fn(entry["details"])
-            bench.sync(self.device)
+            speed.sync(self.device)
             entry["ok"] = True
         except Exception as e:  # noqa: BLE001 - a check records every failure and goes on
             traceback.print_exc()
-            entry["error"] = f"{type(e).__name__}: {diffusion.first_line(e)}"
+            entry["error"] = f"{type(e).__name__}: {first_line(e)}"
         entry["seconds"] = time.perf_counter() - start
         if cuda:
             try:
                 entry["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
             except RuntimeError as e:  # a sticky CUDA error from the stage: recorded, the run goes on
-                entry.update(ok=False, error=entry.get("error") or f"RuntimeError: {diffusion.first_line(e)}")
+                entry.update(ok=False, error=entry.get("error") or f"RuntimeError: {first_line(e)}")
             if entry["ok"] and entry["peak_memory_gb"] == 0:
                 entry.update(ok=False, error="nothing was allocated on the GPU: the stage did not run on CUDA")
         return self._record(name, entry)
@@ -151,17 +153,18 @@ def run(out_dir: Path, tiny: bool = False) -> dict:
 
     Without --tiny it needs CUDA. A failed stage is recorded (result['ok'] false), not raised.
     """
-    from skinaug import classify, finetune, generate
+    from skinaug.classify import classifiers
+    from skinaug.diffusion import finetune, generate
 
     s = TINY if tiny else FULL
     if not tiny and not torch.cuda.is_available():
         raise SkinaugError("gpu-check needs a CUDA device and none is visible; `skinaug gpu-check --tiny` runs "
                            "the same code on the CPU")
-    device = diffusion.pick_device("auto")
+    device = sd21.pick_device("auto")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"date": datetime.date.today().isoformat(), "card": bench.card_name(device), "device": device.type,
-              "tiny": tiny, "versions": bench.versions(),
+    result = {"date": datetime.date.today().isoformat(), "card": speed.card_name(device), "device": device.type,
+              "tiny": tiny, "versions": speed.versions(),
               "base": "tiny model" if tiny else "SD 2.1-base architecture, random weights",
               "precision": "bf16" if device.type == "cuda" else "fp32", "settings": asdict(s),
               "batch_tolerance_px": BATCH_TOLERANCE_PX}
@@ -176,7 +179,7 @@ def run(out_dir: Path, tiny: bool = False) -> dict:
                                           ("textual_inversion", "lora", "generate", "classify")}
 
         def model(d):
-            bench.build_base(base_dir, bench.TINY if tiny else bench.FULL, device)
+            speed.build_base(base_dir, speed.TINY if tiny else speed.FULL, device)
             stand_in_split(tmp, s)
             d.update(resolution=s.resolution, sources=len(prompts.TOKENS), source_size=list(s.image_size))
 
@@ -210,7 +213,7 @@ def run(out_dir: Path, tiny: bool = False) -> dict:
             manifest = generate.generate(split / "train.csv", images_dir, base_dir, syn_dir, cfg, seed=0,
                                          ti_dir=ti_dir, lora_dir=[lora_dir], strategy=STRATEGY)
             seconds = time.perf_counter() - start
-            dtype = diffusion.weight_dtype(cfg.model, device)
+            dtype = sd21.weight_dtype(cfg.model, device)
             d.update(images=len(manifest), batch_size=generate.batch_size(cfg, device, dtype),
                      images_per_s_with_loading=len(manifest) / seconds, steps=cfg.generate.steps,
                      strength=cfg.generate.strength, guidance=cfg.generate.guidance)
@@ -229,7 +232,7 @@ def run(out_dir: Path, tiny: bool = False) -> dict:
             def stage(d):
                 train_type = "real_syn" if check.ok("generation") else "real"  # still runs when generation failed
                 live_dir = tmp / "live" / arch  # the training curve (DVCLive), as the classify stage writes it
-                (record,) = classify.run(split, images_dir, syn_dir if train_type != "real" else None,
+                (record,) = classifiers.run(split, images_dir, syn_dir if train_type != "real" else None,
                                          {"test": tmp / "metrics" / f"{arch}.json"}, arch, train_type, cfg, seed=0,
                                          live_dir=live_dir)
                 last = json.loads((live_dir / "metrics.json").read_text())  # the last epoch's values
@@ -259,27 +262,27 @@ def _batched_vs_single(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir
                        cfg: config.Config, s: Smoke, device: torch.device) -> dict:
     """The first compare_rows rows of the generation plan in one call and one call each, through the
     stage's own pipeline (tokens and LoRA loaded); their difference, and that between different seeds."""
-    from skinaug import finetune, generate
+    from skinaug.diffusion import adapters, generate
 
     strategy = generate.strategy_of(STRATEGY)
-    files, tokens = finetune.token_files(ti_dir, cfg.subset.labels)
-    pipe = generate.load_pipeline(base_dir, strategy, dict(zip(tokens, files)), finetune.lora_files(lora_dir), cfg,
-                                  device, diffusion.weight_dtype(cfg.model, device))
+    files, tokens = adapters.token_files(ti_dir, cfg.subset.labels)
+    pipe = generate.load_pipeline(base_dir, strategy, dict(zip(tokens, files)), adapters.trained_loras(lora_dir), cfg,
+                                  device, sd21.weight_dtype(cfg.model, device))
     _expect_device(pipe.device, device, "generation")
     rows = generate.make_plan(train_csv, cfg, 0, STRATEGY).head(s.compare_rows).to_dict("records")
     start = time.perf_counter()
     batched = generate.synthesize(pipe, strategy, rows, images_dir, cfg)
-    bench.sync(device)
+    speed.sync(device)
     middle = time.perf_counter()
     single = [generate.synthesize(pipe, strategy, [row], images_dir, cfg)[0] for row in rows]
-    bench.sync(device)
+    speed.sync(device)
     end = time.perf_counter()
     del pipe
     return {"rows": len(rows), "batched_images_per_s": len(rows) / (middle - start),
             "single_images_per_s": len(rows) / (end - middle),
-            "batched_vs_single": bench.image_difference(batched, single),
+            "batched_vs_single": speed.image_difference(batched, single),
             # neighbouring rows: other seeds (and at a source's boundary, another source): the scale of a real change
-            "different_seed_scale": bench.image_difference(batched[:-1], batched[1:])}
+            "different_seed_scale": speed.image_difference(batched[:-1], batched[1:])}
 
 
 def table(r: dict) -> str:

@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinaug import SkinaugError, atomic, classify, data, diffusion, quality, tone
+from skinaug import SkinaugError, atomic, tone
+from skinaug.classify import classifiers, quality
 from skinaug.config import SELECT_RULES, Config
+from skinaug.data import fitzpatrick
+from skinaug.diffusion import sd21
 
-RULES = ("tone", "lesion", "best_n")  # the order rules apply in
-assert set(RULES) == set(SELECT_RULES), "config.py names the allowed values"
+RULES = SELECT_RULES  # config.py lists them in the order they apply
 
 
 def measures(manifest: pd.DataFrame, syn_dir: Path, reference: Path, rules: list[str], cfg: Config) -> pd.DataFrame:
@@ -39,8 +41,8 @@ def measures(manifest: pd.DataFrame, syn_dir: Path, reference: Path, rules: list
         table["ita"] = tone.measure([Path(p) for p in paths])
         table["in_band"] = [tone.in_expected_band(v, s) for v, s in zip(table.ita, table.fitzpatrick_scale)]
     if {"lesion", "best_n"} & set(rules):
-        device = diffusion.pick_device(cfg.model.device)
-        model, labels = classify.load_reference(reference, cfg, device)
+        device = sd21.pick_device(cfg.model.device)
+        model, labels = classifiers.load_reference(reference, cfg, device)
         _, logp = quality.classifier_pass(model, paths, cfg, device)
         target = np.array([labels.index(x) for x in manifest.label])
         table["predicted"] = [labels[i] for i in logp.argmax(1)]
@@ -74,7 +76,7 @@ def counts(table: pd.DataFrame, dropped: pd.Series) -> pd.DataFrame:
 def run(syn_dir: Path, reference: Path, out_dir: Path, cfg: Config) -> pd.DataFrame:
     """Apply select.rules to one generate output; write kept.csv, decisions.csv, counts.csv/.md."""
     rules = [r for r in RULES if r in cfg.select.rules]
-    manifest = data.read_table(Path(syn_dir) / "manifest.csv")
+    manifest = fitzpatrick.read_table(Path(syn_dir) / "manifest.csv")
     table = measures(manifest, syn_dir, reference, rules, cfg)
     dropped = decide(table, rules, cfg.select.best_n)
     if len(table) and (dropped != "").all():

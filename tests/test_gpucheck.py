@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from skinaug import SkinaugError, bench, config, gpucheck
+from skinaug import SkinaugError, config
+from skinaug.bench import gpucheck, speed
 from skinaug.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def test_smoke_runs_the_paper_profile_at_small_sizes(tmp_path):
     assert (c.image_size, c.crop_size, c.batch_size) == (paper.classify.image_size, paper.classify.crop_size,
                                                          paper.classify.batch_size)
     tiny = gpucheck.smoke_config(gpucheck.TINY, torch.device("cpu"), tmp_path)
-    assert tiny.model.mixed_precision == "no" and tiny.model.resolution == bench.TINY.resolution
+    assert tiny.model.mixed_precision == "no" and tiny.model.resolution == speed.TINY.resolution
 
 
 def test_carried_wheels_meet_the_project_requirements():

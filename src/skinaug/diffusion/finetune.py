@@ -1,7 +1,9 @@
 """Textual Inversion, then LoRA: the two fine-tuning stages of the generator (SPEC §3).
 
-    skinaug textual_inversion data/splits/seed0 data/world/images models/base models/seed0/ti --seed 0
-    skinaug lora data/splits/seed0 data/world/images models/base models/seed0/lora --ti-dir models/seed0/ti --seed 0
+    skinaug textual_inversion data/splits/scenario1/seed0 data/images models/base models/scenario1/seed0/ti \
+        --seed 0 --live-dir dvclive/scenario1/seed0/ti
+    skinaug lora data/splits/scenario1/seed0 data/images models/base models/scenario1/seed0/lora \
+        --ti-dir models/scenario1/seed0/ti --seed 0 --live-dir dvclive/scenario1/seed0/lora
 
 Outputs (built in a hidden `.{out}.partial` folder beside out_dir with the checkpoints, renamed into
 place only when complete: resume.Work; stock diffusers loaders read them):
@@ -16,7 +18,7 @@ inversion a row per textual_inversion.log_every updates, loss/<token name> the m
 token's losses over them; LoRA the same per lora.log_every, loss/joint or loss/<token name> (per_label).
 A resumed run replays the checkpoint's losses there, so its curve is an uninterrupted run's.
 
-Demo profile (tiny model, 1,519 images, 60 steps each, 2 CPU cores): about 20 s per stage.
+Demo profile (tiny model, 1,519 images; textual_inversion.steps 100, lora.steps 200; 2 CPU cores): minutes per stage.
 
 More than one GPU: `launch.processes: 4` (params) runs the same commands under accelerate (launch.py;
 data parallel; the result of one process up to float rounding), as by hand would:
@@ -38,6 +40,11 @@ cropped and encoded every step). Sampling the latent from kept mean and std is t
 `vae.encode(...).latent_dist.sample()` makes, so this changes nothing but the time. LoRA
 encodes each distinct prompt once (the text encoder is frozen). Attention uses PyTorch SDPA
 (diffusers' default processor); channels_last is an option on GPU.
+
+Over 300 lines for one idea, fine-tuning the generator on the training images: textual inversion
+and LoRA share their data pipeline (cached posteriors, counter-seeded sampling, the accelerate
+wiring and the all-reduce), which is most of this file; each phase's own code is a short
+train_* function with helpers of its own (_token_run, _token_update, _save_tokens; _LoraRun, _lora_job).
 """
 from __future__ import annotations
 
@@ -53,10 +60,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skinaug import SkinaugError, atomic, data, diffusion, live, prompts, resume
+from skinaug import SkinaugError, first_line, hashing, live, prompts, resume
 from skinaug.config import Config, ModelConfig
+from skinaug.data import trainset
+from skinaug.diffusion import adapters, sd21, training
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 _ENCODE_BATCH = 16  # images per VAE call when caching posteriors
 _LOSS_WINDOW = 10  # final loss = mean over the last this-many steps (one step's loss is noisy)
 _TI, _LORA = 0, 1  # phase keys of the counter-based seeds
@@ -77,14 +85,77 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     ti = cfg.textual_inversion
     labels = list(cfg.subset.labels if labels is None else labels)
     rows = _read_train(train_csv, images_dir, cfg.subset.labels, labels, need_every_label=True)
+    run = _token_run(rows, labels, base_dir, cfg, seed)
+    fingerprint = _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels)
+    names = [f"loss/{adapters.name(label)}" for label in labels]
+    with (resume.Work(out_dir, fingerprint, run.accelerator) as work,  # waits while another run writes out_dir
+          live.Curve(live_dir, run.accelerator.is_main_process) as curve):
+        state = work.state
+        start, history = (state["step"], state["history"]) if state else (0, [])
+        curve.losses(history, ti.log_every, ti.steps, names, replay=True)
+        if state:
+            run.embeddings.weight.data[run.token_ids] = state["rows"].to(run.device)
+            run.optimizer.load_state_dict(state["optimizer"])
+        every = checkpoint_every or ti.checkpoint_every
+        started = time.time()
+        bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step",
+                   disable=not run.accelerator.is_main_process)
+        for step in range(start, ti.steps):
+            step_losses = _token_update(run, step)
+            history.append(step_losses.tolist())
+            curve.losses(history, ti.log_every, ti.steps, names)
+            bar.update()
+            bar.set_postfix(loss=f"{step_losses.mean():.4f}")
+            if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
+                work.save({"step": step + 1, "history": history,
+                           "rows": run.embeddings.weight.detach()[run.token_ids].cpu(),
+                           "optimizer": run.optimizer.state_dict()})
+            if on_step is not None:
+                on_step(step + 1, dict(zip(labels, step_losses.tolist())), run.comps.text_encoder)
+        bar.close()
+        summary, final = _save_tokens(run, work.path, history, base_dir)
+        work.finish()
+    run.accelerator.print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
+                          f"{time.time() - started:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
+    return summary
+
+
+@dataclasses.dataclass
+class _TokenRun:
+    """One textual-inversion job as it trains: its labels, their images and samplers, the models,
+    the embedding rows being learned (the other rows are kept at `original`) and their optimiser."""
+    cfg: Config
+    seed: int
+    labels: list[str]
+    comps: sd21.Components
+    accelerator: object
+    images: list
+    posteriors: list
+    samplers: list
+    token_ids: list[int]
+    embeddings: torch.nn.Embedding
+    original: torch.Tensor
+    keep: torch.Tensor
+    text_encoder: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def _token_run(rows: pd.DataFrame, labels: list[str], base_dir: Path, cfg: Config, seed: int) -> _TokenRun:
+    """Decode the images, add the tokens (token surgery) and set up accelerate and the optimiser."""
+    ti = cfg.textual_inversion
     accelerator, dtype = _accelerator(cfg.model)
     device = accelerator.device
-    comps = diffusion.load_components(base_dir)
+    comps = sd21.load_components(base_dir)
     token_ids = _add_tokens(comps, [prompts.token(label) for label in labels], ti.init_token)
     comps.text_encoder.to(device)  # stays fp32: the trainable rows live in it
     _place(comps.unet, comps.vae, device=device, dtype=dtype, model=cfg.model)
     size = (cfg.model.resolution, cfg.model.resolution)  # bicubic resize to a square, no crop (the reference's)
-    images = [[_open_image(p).resize(size, Image.BICUBIC) for p in rows.path[rows.label == label]]
+    images = [[trainset.open_image(p).resize(size, Image.BICUBIC) for p in rows.path[rows.label == label]]
               for label in labels]  # decoded up front: a broken image fails before anything is written
     posteriors = [_Posteriors(comps.vae, lambda key, im=im: _flipped(im[key[0]], key[1])) for im in images]
     samplers = [_Shuffled(len(im), (seed, _TI, _key(cfg, label))) for label, im in zip(labels, images)]
@@ -99,86 +170,73 @@ def train_textual_inversion(train_csv: Path, images_dir: Path, base_dir: Path, o
     # Mixed precision, no DDP: below, only the new rows' gradient is summed over processes, once per step.
     text_encoder = accelerator.prepare_model(comps.text_encoder, evaluation_mode=True)
     optimizer = accelerator.prepare_optimizer(optimizer)
+    return _TokenRun(cfg, seed, labels, comps, accelerator, images, posteriors, samplers, token_ids, embeddings,
+                     original, keep, text_encoder, optimizer, lr)
 
-    fingerprint = _fingerprint("textual_inversion", cfg, seed, train_csv, base_dir, labels=labels)
-    names = [f"loss/{_token_name(prompts.token(label))}" for label in labels]
-    with (resume.Work(out_dir, fingerprint, accelerator) as work,  # waits while another run writes out_dir
-          live.Curve(live_dir, accelerator.is_main_process) as curve):
-        state = work.state
-        start, history = (state["step"], state["history"]) if state else (0, [])
-        curve.losses(history, ti.log_every, ti.steps, names, replay=True)
-        if state:
-            embeddings.weight.data[token_ids] = state["rows"].to(device)
-            optimizer.load_state_dict(state["optimizer"])
-        every = checkpoint_every or ti.checkpoint_every
-        per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
-        passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
-        started = time.time()
-        bar = tqdm(total=ti.steps, initial=start, desc="textual_inversion", unit="step",
-                   disable=not accelerator.is_main_process)
-        for step in range(start, ti.steps):
-            step_losses = torch.zeros(len(labels), device=device)
-            for micro, group in itertools.product(range(ti.grad_accum), passes):
-                mine = _mine(len(group) * ti.batch_size, accelerator)  # this pass's samples, token after token
-                if not mine:
-                    continue
-                shares = [[j % ti.batch_size for j in mine if j // ti.batch_size == n] for n in range(len(group))]
-                draws = [_ti_draws(comps, posteriors[k], samplers[k], labels[k], (seed, _TI, _key(cfg, labels[k])),
-                                   step * ti.grad_accum + micro, share, ti, device) for k, share in zip(group, shares)
-                         if share]
-                latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
-                context = diffusion.encode_prompts(comps.tokenizer, text_encoder, [p for d in draws for p in d[3]])
-                losses = diffusion.denoising_losses(comps.unet, comps.noise_scheduler, latents, context, noise,
-                                                    timesteps)
-                # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
-                per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
-                accelerator.backward(per_token.sum() / ti.grad_accum)
-                step_losses[group] += per_token.detach().float() / ti.grad_accum
-            if accelerator.num_processes > 1:
-                grad = _grad(embeddings.weight)
-                new_rows = grad[token_ids]
-                _sum_over_processes(accelerator, [new_rows, step_losses])
-                grad.zero_()  # the other rows are restored below; zeroed, every process steps on the same gradient
-                grad[token_ids] = new_rows
-            step_losses = step_losses.cpu()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # only the new rows learn; weight decay touched every row
-                embeddings.weight[keep] = original[keep]
-            history.append(step_losses.tolist())
-            curve.losses(history, ti.log_every, ti.steps, names)
-            bar.update()
-            bar.set_postfix(loss=f"{step_losses.mean():.4f}")
-            if every > 0 and (step + 1) % every == 0 and step + 1 < ti.steps:
-                work.save({"step": step + 1, "history": history, "rows": embeddings.weight.detach()[token_ids].cpu(),
-                           "optimizer": optimizer.state_dict()})
-            if on_step is not None:
-                on_step(step + 1, dict(zip(labels, step_losses.tolist())), comps.text_encoder)
-        bar.close()
 
-        from safetensors.torch import save_file
+def _token_update(run: _TokenRun, step: int) -> torch.Tensor:
+    """One optimiser update of every token: the loss of each token's batch (in passes of
+    textual_inversion.tokens_per_pass tokens, this process's share of each), the new rows'
+    gradient summed over processes, the step, and every other row put back. Returns the
+    tokens' losses (CPU)."""
+    ti, labels, device = run.cfg.textual_inversion, run.labels, run.device
+    per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
+    passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
+    step_losses = torch.zeros(len(labels), device=device)
+    for micro, group in itertools.product(range(ti.grad_accum), passes):
+        mine = _mine(len(group) * ti.batch_size, run.accelerator)  # this pass's samples, token after token
+        if not mine:
+            continue
+        shares = [[j % ti.batch_size for j in mine if j // ti.batch_size == n] for n in range(len(group))]
+        draws = [_ti_draws(run.comps, run.posteriors[k], run.samplers[k], labels[k],
+                           (run.seed, _TI, _key(run.cfg, labels[k])), step * ti.grad_accum + micro, share, ti, device)
+                 for k, share in zip(group, shares) if share]
+        latents, noise, timesteps = (torch.cat([d[i] for d in draws]) for i in range(3))
+        context = training.encode_prompts(run.comps.tokenizer, run.text_encoder, [p for d in draws for p in d[3]])
+        losses = training.denoising_loss_per_image(run.comps.unet, run.comps.noise_scheduler, latents, context,
+                                                   noise, timesteps)
+        # A sum of per-token means, not one mean; each over the token's whole batch, whichever process has it.
+        per_token = torch.stack([part.sum() for part in losses.split([len(s) for s in shares])]) / ti.batch_size
+        run.accelerator.backward(per_token.sum() / ti.grad_accum)
+        step_losses[group] += per_token.detach().float() / ti.grad_accum
+    if run.accelerator.num_processes > 1:
+        grad = _grad(run.embeddings.weight)
+        new_rows = grad[run.token_ids]
+        _sum_over_processes(run.accelerator, [new_rows, step_losses])
+        grad.zero_()  # the other rows are restored below; zeroed, every process steps on the same gradient
+        grad[run.token_ids] = new_rows
+    step_losses = step_losses.cpu()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # only the new rows learn; weight decay touched every row
+        run.embeddings.weight[run.keep] = run.original[run.keep]
+    return step_losses
 
-        learned = embeddings.weight.detach()[token_ids].float().cpu()
-        final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
-        summary = {
-            "stage": "textual_inversion", "seed": seed, "base": diffusion.base_info(base_dir),
-            "steps": ti.steps, "lr": lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
-            "final_loss_window": _LOSS_WINDOW,
-            "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
-            "settings": dataclasses.asdict(ti), "tokens": {},
-        }
-        for i, label in enumerate(labels):
-            token = prompts.token(label)
-            if accelerator.is_main_process:
-                save_file({token: learned[i : i + 1].contiguous()}, work.path / _token_file(token))
-            summary["tokens"][label] = {"token": token, "file": _token_file(token), "images": len(images[i]),
-                                        "final_loss": float(final[i])}
-        if accelerator.is_main_process:
-            (work.path / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
-        work.finish()
-    accelerator.print(f"textual_inversion: {len(labels)} tokens x {ti.steps} steps on {len(rows)} images in "
-                      f"{time.time() - started:.0f} s, final loss {np.mean(final):.4f} -> {out_dir}")
-    return summary
+
+def _save_tokens(run: _TokenRun, folder: Path, history: list, base_dir: Path) -> tuple[dict, list]:
+    """Write each label's learned token and ti.json into folder (main process); returns the summary
+    and the final losses."""
+    from safetensors.torch import save_file
+
+    ti, labels = run.cfg.textual_inversion, run.labels
+    learned = run.embeddings.weight.detach()[run.token_ids].float().cpu()
+    final = np.mean(history[-_LOSS_WINDOW:], axis=0) if history else [float("nan")] * len(labels)
+    summary = {
+        "stage": "textual_inversion", "seed": run.seed, "base": sd21.base_info(base_dir),
+        "steps": ti.steps, "lr": run.lr, "effective_batch_per_token": ti.batch_size * ti.grad_accum,
+        "final_loss_window": _LOSS_WINDOW,
+        "resolution": run.cfg.model.resolution, "mixed_precision": run.accelerator.mixed_precision,
+        "settings": dataclasses.asdict(ti), "tokens": {},
+    }
+    for i, label in enumerate(labels):
+        token = prompts.token(label)
+        if run.accelerator.is_main_process:
+            save_file({token: learned[i : i + 1].contiguous()}, folder / adapters.token_file(label))
+        summary["tokens"][label] = {"token": token, "file": adapters.token_file(label), "images": len(run.images[i]),
+                                    "final_loss": float(final[i])}
+    if run.accelerator.is_main_process:
+        (folder / "ti.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary, final
 
 
 def _ti_draws(comps, posteriors, sampler, label, key, micro_step, share, ti, device):
@@ -207,29 +265,6 @@ def _add_tokens(comps, tokens: list[str], init_token: str) -> list[int]:
     return ids
 
 
-def token_files(ti_dir: Path, labels: list[str]) -> tuple[list[Path], list[str]]:
-    """The learned token files of `labels` in ti_dir, and their tokens (for pipe.load_textual_inversion)."""
-    tokens = [prompts.token(label) for label in labels]
-    files = [Path(ti_dir) / _token_file(token) for token in tokens]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise SkinaugError(f"{len(missing)} learned token file(s) missing (first: {missing[0]}); "
-                           "run `skinaug textual_inversion` first")
-    return files, tokens
-
-
-def _token_name(token: str) -> str:
-    """'<bas-class>' -> 'bas-class': the token's file and folder name."""
-    return token.strip("<>")
-
-
-def _token_file(token: str) -> str:
-    return _token_name(token) + ".safetensors"
-
-
-# --- LoRA ----------------------------------------------------------------------------------
-
-
 def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path | None, out_dir: Path, cfg: Config,
                seed: int, *, checkpoint_every: int | None = None, on_step=None, live_dir: Path | None = None) -> dict:
     """Fine-tune the UNet with LoRA (text encoder frozen): one joint LoRA, or one per label.
@@ -243,7 +278,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
     use_tokens = ti_dir is not None and lo.use_tokens
     accelerator, dtype = _accelerator(cfg.model)
     device = accelerator.device
-    comps = diffusion.load_components(base_dir)
+    comps = sd21.load_components(base_dir)
     if use_tokens:
         _load_tokens(comps, base_dir, ti_dir, labels)
     _place(comps.unet, comps.vae, comps.text_encoder, device=device, dtype=dtype, model=cfg.model)
@@ -259,7 +294,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         jobs = [(label, np.flatnonzero(rows.label.to_numpy() == label)) for label in labels]
 
     fingerprint = _fingerprint("lora", cfg, seed, train_csv, base_dir, labels=labels,
-                               ti=sorted(atomic.file_hash(f) for f in token_files(ti_dir, labels)[0]) if use_tokens
+                               ti=sorted(hashing.file_digest(f) for f in adapters.token_files(ti_dir, labels)[0]) if use_tokens
                                else None)
     with (resume.Work(out_dir, fingerprint, accelerator) as work,  # waits while another run writes out_dir
           live.Curve(live_dir, accelerator.is_main_process) as curve):
@@ -273,7 +308,7 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
         for j, (label, members) in enumerate(jobs):
             if j < state["job"]:
                 continue
-            name = "joint" if label is None else label
+            name = adapters.JOINT if label is None else label
             sampler = (_Shuffled(len(members), (seed, _LORA, j)) if label is None
                        else _Balanced(rows.fitzpatrick_scale.to_numpy()[members]))
 
@@ -289,18 +324,18 @@ def train_lora(train_csv: Path, images_dir: Path, base_dir: Path, ti_dir: Path |
 
             history = _lora_job(run, members, sampler, (seed, _LORA, j), state if state.get("step") else None,
                                 checkpoint, log, bar, on_step)
-            folder = work.path if label is None else work.path / _token_name(prompts.token(label))
+            weights = adapters.lora_file(work.path, adapters.JOINT if label is None else adapters.name(label))
             if accelerator.is_main_process:
-                _save_lora(accelerator.unwrap_model(run.unet), folder)
+                _save_lora(accelerator.unwrap_model(run.unet), weights.parent)
             state = {"job": j + 1, "done": {**state["done"], name: {
-                "file": str((folder / LORA_FILE).relative_to(work.path)), "images": len(members),
+                "file": str(weights.relative_to(work.path)), "images": len(members),
                 "final_loss": float(np.mean(history[-_LOSS_WINDOW:])) if history else float("nan")}},
                 "curves": {**state["curves"], name: history}}
             work.save(state)
         bar.close()
 
         summary = {
-            "stage": "lora", "seed": seed, "base": diffusion.base_info(base_dir), "mode": lo.mode,
+            "stage": "lora", "seed": seed, "base": sd21.base_info(base_dir), "mode": lo.mode,
             "tokens": use_tokens, "ti_dir": str(ti_dir) if use_tokens else None, "steps": lo.steps,
             "resolution": cfg.model.resolution, "mixed_precision": accelerator.mixed_precision,
             "final_loss_window": _LOSS_WINDOW,
@@ -369,7 +404,7 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
             latents, noise, timesteps = _noised(run.images.vae, run.noise_scheduler,
                                                 *run.images.moments(rows, [host for host, _ in gens]),
                                                 [dev for _, dev in gens])
-            losses = diffusion.denoising_losses(run.unet, run.noise_scheduler, latents,
+            losses = training.denoising_loss_per_image(run.unet, run.noise_scheduler, latents,
                                                 run.context[run.prompt_of_row[rows]], noise, timesteps)
             loss = losses.sum() / lo.batch_size  # over the whole batch: the processes' gradients add up to it
             accelerator.backward(loss)
@@ -392,7 +427,7 @@ def _lora_job(run: _LoraRun, members: np.ndarray, sampler, key: tuple, resume: d
 
 def _loss_name(job: str) -> str:
     """A LoRA's loss curve in DVCLive: loss/joint, or loss/<token name> for a label's own LoRA."""
-    return f"loss/{job if job == 'joint' else _token_name(prompts.token(job))}"
+    return f"loss/{job if job == adapters.JOINT else adapters.name(job)}"
 
 
 def _save_lora(unet, folder: Path) -> None:
@@ -406,7 +441,7 @@ def _save_lora(unet, folder: Path) -> None:
     adapter["target_modules"] = sorted(adapter["target_modules"])  # a set in peft: listed in hash order
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
                                               unet_lora_adapter_metadata=adapter)
-    _sort_metadata(folder / LORA_FILE)
+    _sort_metadata(folder / adapters.LORA_FILE)
 
 
 def _sort_metadata(path: Path) -> None:
@@ -429,33 +464,26 @@ def _sort_metadata(path: Path) -> None:
         f.write(text.ljust(size))
 
 
-def lora_files(lora_dir: Path) -> dict[str | None, Path]:
-    """The LoRA file(s) train_lora wrote: {None: file} (joint) or {label: file} (per_label)."""
-    summary = json.loads((Path(lora_dir) / "lora.json").read_text())
-    return {None if name == "joint" else name: Path(lora_dir) / entry["file"]
-            for name, entry in summary["loras"].items()}
-
-
 def _load_tokens(comps, base_dir: Path, ti_dir: Path, labels: list[str]) -> None:
     """Learned tokens into tokenizer and text encoder through diffusers' own loader, once they fit the base."""
     from diffusers import StableDiffusionPipeline
 
-    files, tokens = token_files(ti_dir, labels)
-    diffusion.check_token_files(base_dir, files)
+    files, tokens = adapters.token_files(ti_dir, labels)
+    adapters.check_token_files(base_dir, files)
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                    unet=comps.unet, scheduler=comps.noise_scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     try:
         pipe.load_textual_inversion([str(f) for f in files], token=tokens)
     except (OSError, ValueError) as e:
-        raise SkinaugError(f"cannot load learned tokens from {ti_dir}: {diffusion.first_line(e)}") from None
+        raise SkinaugError(f"cannot load learned tokens from {ti_dir}: {first_line(e)}") from None
 
 
 @torch.no_grad()
 def _prompt_cache(comps, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
     """Encode each distinct prompt once (the text encoder is frozen): states and row -> prompt index."""
     unique = sorted(set(texts))
-    states = torch.cat([diffusion.encode_prompts(comps.tokenizer, comps.text_encoder, unique[i : i + _ENCODE_BATCH])
+    states = torch.cat([training.encode_prompts(comps.tokenizer, comps.text_encoder, unique[i : i + _ENCODE_BATCH])
                         for i in range(0, len(unique), _ENCODE_BATCH)])
     position = {text: i for i, text in enumerate(unique)}
     return states, np.array([position[t] for t in texts])
@@ -467,10 +495,7 @@ def _prompt_cache(comps, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
 def _read_train(train_csv: Path, images_dir: Path, known: list[str], labels: list[str],
                 need_every_label: bool) -> pd.DataFrame:
     """The train split's rows for `labels`, with image paths; every image must exist."""
-    df = data.read_table(train_csv)
-    absent = {"md5hash", "label", "fitzpatrick_scale"} - set(df.columns)
-    if absent:
-        raise SkinaugError(f"{train_csv} lacks column(s) {', '.join(sorted(absent))}")
+    df = trainset.read(train_csv)
     unknown = sorted(set(df.label) - set(known))
     if unknown:
         raise SkinaugError(f"{train_csv} has label(s) not in subset.labels: {', '.join(unknown)}")
@@ -484,14 +509,6 @@ def _read_train(train_csv: Path, images_dir: Path, known: list[str], labels: lis
         raise SkinaugError(f"{len(missing)} of {len(df)} images listed in {train_csv} are missing "
                            f"(first: {missing[0]})")
     return df
-
-
-def _open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SkinaugError(f"cannot read image {path}: {e}") from None
 
 
 def _to_pixels(arrays) -> torch.Tensor:
@@ -510,7 +527,7 @@ class _Posteriors:
 
     Sampling a latent from kept moments is the very draw vae.encode(...).latent_dist.sample()
     makes, so reuse is exact; encoding on first use means never more VAE calls than encoding
-    every step (the demo's 60 steps touch fewer images than the split holds).
+    every step (a short run, like the demo's, touches fewer images than the split holds).
     """
 
     def __init__(self, vae, pixels_of):
@@ -526,7 +543,7 @@ class _Posteriors:
 
 @torch.no_grad()
 def _moments(vae, arrays) -> tuple[torch.Tensor, torch.Tensor]:
-    return diffusion.latent_moments(vae, _to_pixels(arrays).to(vae.device))
+    return training.latent_moments(vae, _to_pixels(arrays).to(vae.device))
 
 
 class _CroppedImages:
@@ -539,7 +556,7 @@ class _CroppedImages:
 
     def __init__(self, vae, paths, resolution: int):
         self.vae, self.resolution = vae, resolution
-        self.pixels = [self._resize(_open_image(path)) for path in paths]  # a broken image fails here
+        self.pixels = [self._resize(trainset.open_image(path)) for path in paths]  # a broken image fails here
         self.square = _Posteriors(vae, lambda i: self.pixels[i])
         self.cached = sum(a.shape[0] == a.shape[1] for a in self.pixels)
 
@@ -572,8 +589,8 @@ def _noised(vae, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, generat
     """Latents, noise and timesteps, each sample's drawn from its own device generator."""
     drawn = []
     for m, s, generator in zip(mean, std, generators):
-        latent = diffusion.sample_latents(vae, m[None], s[None], generator)
-        drawn.append((latent, *diffusion.sample_noise(noise_scheduler, latent, generator)))
+        latent = training.sample_latents(vae, m[None], s[None], generator)
+        drawn.append((latent, *training.sample_noise(noise_scheduler, latent, generator)))
     return tuple(torch.cat(parts) for parts in zip(*drawn))
 
 
@@ -640,8 +657,8 @@ def _accelerator(model: ModelConfig):
     """accelerate's Accelerator for device placement, mixed precision (fp32 on CPU) and processes."""
     from accelerate import Accelerator
 
-    device = diffusion.pick_device(model.device)
-    dtype = diffusion.weight_dtype(model, device)
+    device = sd21.pick_device(model.device)
+    dtype = sd21.weight_dtype(model, device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision), dtype
 
@@ -682,5 +699,5 @@ def _fingerprint(stage: str, cfg: Config, seed: int, train_csv: Path, base_dir: 
     section = cfg.textual_inversion if stage == "textual_inversion" else cfg.lora
     model = dataclasses.asdict(cfg.model) | {"device": cfg.model.device.split(":")[0]}  # any card resumes it
     return {"stage": stage, "seed": seed, "settings": dataclasses.asdict(section),
-            "model": model, "train_csv": atomic.file_hash(train_csv),
-            "base": diffusion.base_info(base_dir), **extra}
+            "model": model, "train_csv": hashing.file_digest(train_csv),
+            "base": sd21.base_info(base_dir), **extra}

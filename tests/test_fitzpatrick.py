@@ -1,24 +1,22 @@
-"""Metadata, study subset, Table 1 and the demo world (skinaug.data).
+"""Metadata, study subset and Table 1 (skinaug.data.fitzpatrick), through the functions and the CLI.
 
 Real-data checks run when SKINAUG_FITZ_CSV names fitzpatrick17k.csv, and skip otherwise.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, cli, config, data, world
+from skinaug import SkinaugError, cli, config, hashing, paper
+from skinaug.data import fitzpatrick
 
 PINNED_MD5 = "75556ecbd0bd6227050112565c24b991"  # SPEC §1, data.dvc
 FST_TOTALS = {1: 420, 2: 864, 5: 251, 6: 96}
@@ -32,20 +30,20 @@ def _check_table1_counts(df: pd.DataFrame) -> None:
     assert df["fitzpatrick_scale"].value_counts().to_dict() == FST_TOTALS
     assert df["label"].value_counts().to_dict() == LABEL_TOTALS
     cross = pd.crosstab(df["label"], df["fitzpatrick_scale"])
-    assert {label: {int(k): int(v) for k, v in row.items()} for label, row in cross.iterrows()} == world.TABLE1_COUNTS
+    assert {label: {int(k): int(v) for k, v in row.items()} for label, row in cross.iterrows()} == paper.TABLE1_COUNTS
 
 
 # --- the real metadata ---------------------------------------------------------------
 
 def test_real_subset_is_table1(fitz_csv, repo_cfg):
-    meta = data.load_metadata(fitz_csv, PINNED_MD5)
+    meta = fitzpatrick.load_metadata(fitz_csv, PINNED_MD5)
     assert len(meta) == 16577
-    subset = data.study_subset(meta, repo_cfg.subset)
+    subset = fitzpatrick.study_subset(meta, repo_cfg.subset)
     _check_table1_counts(subset)
-    assert list(subset.columns) == list(meta.columns) == data.COLUMNS
+    assert list(subset.columns) == list(meta.columns) == fitzpatrick.COLUMNS
     kept = meta[meta["md5hash"].isin(subset["md5hash"])]
     assert subset["md5hash"].tolist() == kept["md5hash"].tolist()  # CSV order kept
-    table = data.table1(subset)
+    table = fitzpatrick.table1(subset)
     assert "| total | 420 | 864 | 251 | 96 | 1631 |" in table
     assert "| basal cell carcinoma | 85 | 156 | 24 | 7 | 272 |" in table
 
@@ -56,9 +54,9 @@ def test_tampered_metadata_is_refused(fitz_csv, tmp_path):
     with copy.open("a") as f:
         f.write("\n")
     with pytest.raises(SkinaugError) as err:
-        data.load_metadata(copy, PINNED_MD5)
+        fitzpatrick.load_metadata(copy, PINNED_MD5)
     message = str(err.value)
-    assert PINNED_MD5 in message and atomic.file_hash(copy, "md5") in message and "dvc update data.dvc" in message
+    assert PINNED_MD5 in message and hashing.file_digest(copy, "md5") in message and "dvc update data.dvc" in message
 
 
 def test_real_subset_command_drops_unknown_skin_type(fitz_csv, params_file, tmp_path):
@@ -73,16 +71,16 @@ def test_real_subset_command_drops_unknown_skin_type(fitz_csv, params_file, tmp_
 
 def test_load_metadata_checks_md5_and_columns(world_dir, tmp_path):
     path = world_dir / "metadata.csv"
-    good = atomic.file_hash(path, "md5")
-    assert len(data.load_metadata(path, good)) == 1631
+    good = hashing.file_digest(path, "md5")
+    assert len(fitzpatrick.load_metadata(path, good)) == 1631
     with pytest.raises(SkinaugError, match="expected 0{32}"):
-        data.load_metadata(path, "0" * 32)
+        fitzpatrick.load_metadata(path, "0" * 32)
     broken = tmp_path / "broken.csv"
     pd.read_csv(path).drop(columns=["url"]).to_csv(broken, index=False)
     with pytest.raises(SkinaugError, match="lacks column.*url"):
-        data.load_metadata(broken, None)
+        fitzpatrick.load_metadata(broken, None)
     with pytest.raises(SkinaugError, match="dvc update data.dvc"):
-        data.load_metadata(tmp_path / "absent.csv", None)
+        fitzpatrick.load_metadata(tmp_path / "absent.csv", None)
 
 
 def test_all_digit_md5hash_stays_text(world_dir, tmp_path):
@@ -90,16 +88,16 @@ def test_all_digit_md5hash_stays_text(world_dir, tmp_path):
     meta.loc[0, "md5hash"] = "0" + "1" * 31
     path = tmp_path / "m.csv"
     meta.to_csv(path, index=False)
-    assert data.load_metadata(path, None).loc[0, "md5hash"] == "0" + "1" * 31
+    assert fitzpatrick.load_metadata(path, None).loc[0, "md5hash"] == "0" + "1" * 31
 
 
 def test_study_subset_filters_and_names_unknown_labels(world_dir, repo_cfg):
-    meta = data.load_metadata(world_dir / "metadata.csv", None)
+    meta = fitzpatrick.load_metadata(world_dir / "metadata.csv", None)
     only_light = config.replace(repo_cfg.subset, fitzpatrick_scales=[1, 2])
-    assert len(data.study_subset(meta, only_light)) == 1284
+    assert len(fitzpatrick.study_subset(meta, only_light)) == 1284
     typo = config.replace(repo_cfg.subset, labels=["psoriasis", "psoriasiss"])
     with pytest.raises(SkinaugError, match="psoriasiss"):
-        data.study_subset(meta, typo)
+        fitzpatrick.study_subset(meta, typo)
 
 
 def _edited(edit):
@@ -205,84 +203,6 @@ def test_unknown_skin_type_rows_are_dropped_and_counted(world_dir, params_file, 
 
 
 # --- the demo world --------------------------------------------------------------------
-
-def test_world_has_table1_counts_and_images(world_dir, repo_cfg):
-    meta = pd.read_csv(world_dir / "metadata.csv", dtype={"md5hash": str})
-    assert list(meta.columns) == data.COLUMNS
-    _check_table1_counts(meta)
-    assert meta["md5hash"].is_unique
-    assert set(meta["fitzpatrick_centaur"]) <= {-1, 1, 2, 3, 4, 5, 6}
-    assert meta["url"].str.startswith("https://example.invalid/world/").all()
-    files = sorted(p.stem for p in (world_dir / "images").glob("*.jpg"))
-    assert files == sorted(meta["md5hash"])
-    with Image.open(world_dir / "images" / f"{meta.md5hash[0]}.jpg") as img:
-        assert img.format == "JPEG" and img.size == (repo_cfg.world.image_size,) * 2
-    # The subset stage keeps every world row.
-    assert len(data.study_subset(data.load_metadata(world_dir / "metadata.csv", None), repo_cfg.subset)) == 1631
-
-
-def test_world_is_deterministic(tmp_path, repo_cfg):
-    small = config.replace(repo_cfg.subset, labels=["nematode infection", "prurigo nodularis"])
-    a = world.make_world(repo_cfg.world, small, tmp_path / "a")
-    b = world.make_world(repo_cfg.world, small, tmp_path / "b")
-    c = world.make_world(config.replace(repo_cfg.world, seed=1), small, tmp_path / "c")
-    assert len(a) == 115 + 73
-    pd.testing.assert_frame_equal(a, b)
-    for md5 in a["md5hash"]:
-        assert (tmp_path / "a/images" / f"{md5}.jpg").read_bytes() == (tmp_path / "b/images" / f"{md5}.jpg").read_bytes()
-    assert not set(a["md5hash"]) & set(c["md5hash"])
-    assert a["md5hash"][0] == hashlib.md5(b"world-0-0").hexdigest()
-
-
-def test_world_refuses_unknown_label(tmp_path, repo_cfg):
-    with pytest.raises(SkinaugError, match="no pattern for acne"):
-        world.make_world(repo_cfg.world, config.replace(repo_cfg.subset, labels=["acne"]), tmp_path)
-
-
-def test_skin_darkens_with_type_and_every_lesion_shows_on_every_tone():
-    rng = np.random.default_rng(0)
-    fst = np.repeat(np.arange(1, 7), 20)
-    skin = world.draw_skin(fst, rng, 64)
-    brightness = [skin[fst == f].mean() for f in range(1, 7)]
-    assert all(a > b for a, b in zip(brightness, brightness[1:])), brightness
-    for label in world.LESIONS:
-        painted, height = world.draw_lesion(label, skin, fst, rng)
-        # Visible: the lesion's most changed pixels (99th percentile) differ from the skin by > 8 %.
-        change = np.abs(painted - skin).sum(-1) / skin.sum(-1)
-        strongest = np.percentile(change.reshape(len(fst), -1), 99, axis=1)
-        for f in range(1, 7):
-            assert np.median(strongest[fst == f]) > 0.08, (label, f, np.median(strongest[fst == f]))
-        assert height.shape == skin.shape[:3]
-    photos = world.render("psoriasis", [1, 6], rng, 32)
-    assert photos.shape == (2, 32, 32, 3) and photos.dtype == np.uint8
-
-
-def test_classifier_trained_on_light_skin_loses_accuracy_on_dark(world_dir):
-    """The point of the world: light-only training transfers badly to dark skin (~0.75 vs ~0.2 accuracy)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    meta = pd.read_csv(world_dir / "metadata.csv", dtype={"md5hash": str})
-    x = np.stack([np.asarray(Image.open(world_dir / "images" / f"{m}.jpg").resize((16, 16), Image.BILINEAR),
-                             np.float32).ravel() / 255 for m in meta["md5hash"]])
-    y = meta["label"].to_numpy()
-    light = meta["fitzpatrick_scale"].isin([1, 2]).to_numpy()
-    held = np.random.default_rng(0).random(len(meta)) < 0.5
-
-    def accuracy(train, test):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # lbfgs may stop before full convergence; irrelevant here
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=200)).fit(x[train], y[train])
-        return (model.predict(x[test]) == y[test]).mean()
-
-    on_light = accuracy(light & ~held, light & held)
-    on_dark = accuracy(light & ~held, ~light & held)
-    with_dark = accuracy(~held, ~light & held)
-    assert on_light > 0.6, on_light
-    assert on_dark < on_light - 0.3, (on_light, on_dark)
-    assert with_dark > on_dark + 0.1, (on_dark, with_dark)  # dark skin is learnable, just not from light skin
-
 
 # --- the stages through the CLI, as dvc.yaml runs them ---------------------------------
 

@@ -136,9 +136,9 @@ def write_splits(subset_csv: Path, out_dir: Path, scenario: int, seed: int, cfg:
     split.json names the scenario and seed, so what is trained on the split records where it came
     from (the ablation's scenario 1 split sits beside a study of another scenario).
     """
-    from skinaug import data
+    from skinaug.data import fitzpatrick
 
-    df = data.load_metadata(subset_csv, None)
+    df = fitzpatrick.load_metadata(subset_csv, None)
     groups = duplicate_groups(df, images_dir) if cfg.dedupe and images_dir is not None else None
     parts = scenario_splits(df, scenario, seed, cfg, sampling, groups)
     for name, frame in parts.items():

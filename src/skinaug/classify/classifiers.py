@@ -4,7 +4,10 @@ One call trains one classifier and writes its test metrics as JSON, and beside i
 image's predicted label ({stem}.predictions.csv, for the report's bootstrap intervals):
 
     skinaug classify data/splits/scenario1/seed0 data/images metrics/scenario1/seed0/vgg16_real_syn.json \
-        --syn-dir data/syn/scenario1/seed0 --arch vgg16 --train-type real_syn --seed 0
+        --syn-dir data/synthetic/scenario1/seed0 --keep data/selected/scenario1/seed0/kept.csv \
+        --arch vgg16 --train-type real_syn --seed 0 \
+        --live-dir dvclive/scenario1/seed0/vgg16_real_syn
+    skinaug reference data/splits/scenario1/seed0 data/images models/scenario1/seed0/reference.pt --seed 0
 
 The reference recipe: a torchvision backbone (frozen) with a small head, log-softmax + NLL,
 Adam, StepLR(epochs // 3, 0.1), a class-balanced WeightedRandomSampler and the reference
@@ -33,6 +36,9 @@ folder beside the metrics file) and writes exactly the metrics an uninterrupted 
 metrics hold no timing (the command prints it), so they are a pure function of the inputs.
 The training curve goes to a DVCLive folder (--live-dir; skinaug.live), one row per epoch, and
 a resumed run replays its checkpoint's rows there: it too equals an uninterrupted run's.
+
+Over 300 lines: building, feeding, training and resuming a classifier share the ImageSet and the
+checkpoint; the architectures are rows of classify/archs.py, metrics classify/scoring.py's.
 """
 from __future__ import annotations
 
@@ -51,27 +57,22 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic, data, diffusion, live, resume, splits
-from skinaug.config import ARCHS, SELECTIONS, Config
+from skinaug import SkinaugError, atomic, hashing, live, resume
+from skinaug.classify.archs import ARCHITECTURES
+from skinaug.classify.scoring import predictions_path, score
+from skinaug.config import ARCHS, SELECTION_LABELS, TRAIN_TYPES, Config
+from skinaug.data import fitzpatrick, splits
+from skinaug.diffusion import sd21
 
-TRAIN_TYPES = ("real", "syn", "real_syn")
-SELECTION_LABELS = {
-    "last": "last epoch",
-    "val": "lowest validation loss (real training images held out, stratified by label)",
-    "test_reference": "REFERENCE RULE: lowest TEST loss after epoch 10 (leaks the test set; not an honest estimate)",
-}
 REFERENCE_AFTER_EPOCH = 10  # the reference keeps the best test-loss epoch only after this one
 CROP_SCALE = (0.8, 1.0)  # the reference's RandomResizedCrop(scale=...): share of the image's area kept
 CROP_RATIO = (3 / 4, 4 / 3)  # its default ratio range (width / height of the box)
 ROTATION_DEGREES = 15  # the reference's RandomRotation(15)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_WEIGHTS = {"vgg16": "VGG16_Weights", "resnet18": "ResNet18_Weights", "vit_b_16": "ViT_B_16_Weights"}
-assert set(_WEIGHTS) == set(ARCHS) and set(SELECTION_LABELS) == set(SELECTIONS), "config.py names the allowed values"
 
 
 # --- the network ---------------------------------------------------------------------------
@@ -85,8 +86,9 @@ def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backb
     """
     if arch not in ARCHS:
         raise SkinaugError(f"unknown classifier {arch!r}; choose one of {', '.join(ARCHS)}")
-    kwargs = {"image_size": image_size} if arch == "vit_b_16" and not pretrained else {}
-    weights = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1 if pretrained else None
+    row = ARCHITECTURES[arch]
+    kwargs = {"image_size": image_size} if row.sized and not pretrained else {}
+    weights = getattr(torchvision.models, row.weights).IMAGENET1K_V1 if pretrained else None
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file a RuntimeError
@@ -95,12 +97,8 @@ def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backb
         raise SkinaugError(_weights_message(arch, weights.url, e)) from e
     if freeze_backbone:
         model.requires_grad_(False)  # the head below is new, so it alone trains
-    if arch == "vgg16":
-        model.classifier[6] = reference_head(model.classifier[6].in_features, num_classes)
-    elif arch == "resnet18":
-        model.fc = reference_head(model.fc.in_features, num_classes)
-    else:
-        model.heads.head = reference_head(model.heads.head.in_features, num_classes)
+    parent, _, name = row.head.rpartition(".")
+    setattr(model.get_submodule(parent), name, reference_head(model.get_submodule(row.head).in_features, num_classes))
     return model
 
 
@@ -134,7 +132,7 @@ def read_split(split_dir: Path, name: str) -> pd.DataFrame:
     path = Path(split_dir) / f"{name}.csv"
     if not path.exists():
         raise SkinaugError(f"{path} not found: run the splits stage first (test sets: test, flex_light, flex_dark)")
-    return data.read_table(path)
+    return fitzpatrick.read_table(path)
 
 
 def read_manifest(syn_dir: Path | None, train_type: str, keep: Path | None = None) -> pd.DataFrame | None:
@@ -144,10 +142,10 @@ def read_manifest(syn_dir: Path | None, train_type: str, keep: Path | None = Non
         return None
     if syn_dir is None or not (Path(syn_dir) / "manifest.csv").exists():
         raise SkinaugError(f"train type {train_type} needs --syn-dir with a manifest.csv (the generate stage's output)")
-    manifest = data.read_table(Path(syn_dir) / "manifest.csv")
+    manifest = fitzpatrick.read_table(Path(syn_dir) / "manifest.csv")
     if keep is None:
         return manifest
-    kept = data.read_table(keep)
+    kept = fitzpatrick.read_table(keep)
     unknown = sorted(set(kept.file) - set(manifest.file))
     if unknown:
         raise SkinaugError(f"{keep} keeps {len(unknown)} image(s) not in {Path(syn_dir) / 'manifest.csv'}, "
@@ -559,34 +557,6 @@ def reference_epoch(curve: list[dict], key: str) -> int:
 
 # --- metrics -------------------------------------------------------------------------------
 
-def predictions_path(out_json: Path) -> Path:
-    """Where a metrics file's per-image predictions go: beside it, {stem}.predictions.csv
-    (md5hash, fitzpatrick_scale, label, predicted), the report's bootstrap draws from them. The
-    record does not name it, so a record stays the same wherever it is written."""
-    return Path(out_json).with_suffix(".predictions.csv")
-
-
-def score(y_true, y_pred, labels: list[str], fitzpatrick_scale) -> dict:
-    """Test metrics in percent; precision, recall and F1 are macro averages over all labels."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    ids = list(range(len(labels)))
-    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
-    correct = y_true == y_pred
-    fst = np.asarray(fitzpatrick_scale)
-    return {
-        "accuracy_pct": 100 * float(correct.mean()),
-        "precision_pct": 100 * float(p.mean()),
-        "recall_pct": 100 * float(r.mean()),
-        "f1_pct": 100 * float(f.mean()),
-        "per_label": {lab: {"precision_pct": 100 * float(p[i]), "recall_pct": 100 * float(r[i]),
-                            "f1_pct": 100 * float(f[i]), "support": int(support[i])} for i, lab in enumerate(labels)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),  # rows true, columns predicted
-        "accuracy_pct_by_fitzpatrick_scale": {str(s): 100 * float(correct[fst == s].mean()) for s in sorted(set(fst))},
-        "n_test_by_fitzpatrick_scale": {str(s): int((fst == s).sum()) for s in sorted(set(fst))},
-        "n_test": len(y_true),
-    }
-
-
 # --- wiring --------------------------------------------------------------------------------
 
 def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[str, Path], arch: str,
@@ -611,7 +581,7 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     leaked = set(train_items.md5hash) & set().union(*(set(rows.md5hash) for rows in tests_rows.values()))
     if leaked:
         raise SkinaugError(f"{len(leaked)} test image(s) (or their synthetic offspring) are in training, e.g. {min(leaked)}")
-    device = diffusion.pick_device(cfg.model.device)
+    device = sd21.pick_device(cfg.model.device)
     torch.manual_seed(seed)  # head initialisation and dropout
     model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size).to(device)
     train = load_set(train_items, labels, ccfg.image_size, device, whole=True)
@@ -621,9 +591,9 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     fingerprint = {"arch": arch, "train_type": train_type, "seed": seed, "labels": labels,
                    "device": device.type,  # a checkpoint made on another card resumes; one made on the CPU does not
                    "settings": dataclasses.asdict(ccfg),
-                   "splits": {name: atomic.file_hash(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
-                   "manifest": None if manifest is None else atomic.file_hash(Path(syn_dir) / "manifest.csv"),
-                   "keep": None if keep is None or manifest is None else atomic.file_hash(keep)}
+                   "splits": {name: hashing.file_digest(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
+                   "manifest": None if manifest is None else hashing.file_digest(Path(syn_dir) / "manifest.csv"),
+                   "keep": None if keep is None or manifest is None else hashing.file_digest(keep)}
     with (resume.Work(next(iter(outputs.values())), fingerprint) as work,  # waits while another run writes it
           live.Curve(live_dir) as curve):
         _, chosen, preds = fit(model, train, val, tests, cfg, seed, desc=f"{arch} {train_type} seed {seed}",
@@ -671,7 +641,7 @@ def train_reference(split_dir: Path, images_dir: Path, out_path: Path, arch: str
     selection = "last" if ccfg.selection == "test_reference" else ccfg.selection
     train_items, val_items = training_items(train_rows, None, "real", images_dir, None, selection,
                                             ccfg.val_fraction, seed)
-    device = diffusion.pick_device(cfg.model.device)
+    device = sd21.pick_device(cfg.model.device)
     torch.manual_seed(seed)
     model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size).to(device)
     train = load_set(train_items, labels, ccfg.image_size, device, whole=True)

@@ -1,4 +1,4 @@
-"""Metadata, study subset and images (SPEC §1); the demo world is in world.py.
+"""Metadata, study subset and images (SPEC §1); the demo world is in demo/world.py.
 
 Stages (dvc.yaml runs them; by hand, from the repository root):
 
@@ -10,6 +10,9 @@ Stages (dvc.yaml runs them; by hand, from the repository root):
 the demo world (world.py) is drawn with exactly those counts per label and skin
 type, so every later stage sees the study's sizes either way. `images` copies from a local folder
 (data.images_dir) or downloads the `url` column, resuming where it stopped.
+
+One module, over 300 lines, for one idea: the dataset's own file and images, read, checked and
+collected with one set of column names and one refusal style (train.csv readers: data/trainset.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import requests
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from skinaug import SkinaugError, atomic
+from skinaug import SkinaugError, atomic, hashing
 from skinaug.config import DataConfig, DownloadConfig, SubsetConfig
 
 COLUMNS = ["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
@@ -50,7 +53,7 @@ def load_metadata(path: str | Path, md5: str | None) -> pd.DataFrame:
     if not path.exists():
         raise SkinaugError(f"{path} not found; fetch the pinned metadata with `dvc update data.dvc`")
     if md5 is not None:
-        actual = atomic.file_hash(path, "md5")
+        actual = hashing.file_digest(path, "md5")
         if actual != md5:
             raise SkinaugError(
                 f"{path} has md5 {actual}, expected {md5} (data.metadata_md5): not the pinned file. "

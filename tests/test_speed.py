@@ -9,8 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from skinaug import bench, config
+from skinaug import config
+from skinaug.bench import speed
 from skinaug.cli import main
+from skinaug.diffusion import sd21
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,9 +92,9 @@ def test_same_seed_gives_the_same_image_both_ways(tiny_run):
 def test_flop_count_is_positive_and_proportional_to_batch(tiny_base):
     from diffusers import UNet2DConditionModel
 
-    assert bench.count_flops(lambda: torch.ones(8, 16) @ torch.ones(16, 4)) == 2 * 8 * 16 * 4
+    assert speed.count_flops(lambda: torch.ones(8, 16) @ torch.ones(16, 4)) == 2 * 8 * 16 * 4
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
-    one, two = bench.unet_flops(unet, batch=1), bench.unet_flops(unet, batch=2)
+    one, two = speed.unet_flops(unet, batch=1), speed.unet_flops(unet, batch=2)
     assert one > 0 and two == 2 * one
 
 
@@ -101,8 +103,8 @@ def test_sd21_base_configs_give_the_real_parameter_counts():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):  # shapes only: no memory, no init time
-        models = (UNet2DConditionModel(**bench.SD21_BASE_UNET), AutoencoderKL(**bench.SD21_BASE_VAE),
-                  CLIPTextModel(CLIPTextConfig(**bench.SD21_BASE_TEXT_ENCODER)))
+        models = (UNet2DConditionModel(**sd21.SD21_BASE_UNET), AutoencoderKL(**sd21.SD21_BASE_VAE),
+                  CLIPTextModel(CLIPTextConfig(**sd21.SD21_BASE_TEXT_ENCODER)))
     millions = [round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for m in models]
     assert millions == [865.9, 83.7, 340.4]
 
@@ -110,30 +112,32 @@ def test_sd21_base_configs_give_the_real_parameter_counts():
 def test_ours_runs_the_paper_profile_whatever_params_say(repo_cfg, tmp_path, monkeypatch):
     """The demo profile's params (or none) must not leak into ours: it runs conf/'s paper profile."""
     monkeypatch.chdir(tmp_path)  # no conf/ here: found beside the source tree
-    paper = bench.paper_config()
+    paper = speed.paper_config()
     assert paper.profile == "paper" and paper.textual_inversion.steps == 500
     for cfg in (None, repo_cfg):
-        ours = bench.ours_config(cfg, bench.FULL, torch.device("cuda"), tmp_path)
+        ours = speed.ours_config(cfg, speed.FULL, torch.device("cuda"), tmp_path)
         assert ours.model.mixed_precision == paper.model.mixed_precision and ours.model.resolution == 512
-        assert ours.generate == bench.replace(paper.generate, steps=100, strength=0.5, guidance=2.0, per_source=5)
+        assert ours.generate == speed.replace(paper.generate, steps=100, strength=0.5, guidance=2.0, per_source=5)
         assert (ours.textual_inversion.batch_size, ours.textual_inversion.grad_accum, ours.lora.batch_size) == (4, 4, 4)
-    assert bench.ours_config(None, bench.TINY, torch.device("cpu"), tmp_path).model.mixed_precision == "no"
+    assert speed.ours_config(None, speed.TINY, torch.device("cpu"), tmp_path).model.mixed_precision == "no"
 
 
 def test_study_sizes_come_from_paper_params_only(repo_cfg):
-    assert bench.Study.of(repo_cfg) == bench.Study()  # the demo profile's numbers are not the study's
+    study = speed.Study.of(repo_cfg)  # the demo profile's numbers are not the study's: conf/'s paper profile
+    assert study == speed.Study.of(config.compose("paper")) and study.ti_steps != repo_cfg.textual_inversion.steps
+    assert (study.seeds, study.tokens, study.train_images[1], study.test_images[1]) == (5, 7, 1519, 56)
     paper = config.replace(repo_cfg, profile="paper",
                            textual_inversion=config.replace(repo_cfg.textual_inversion, steps=400, grad_accum=2))
-    study = bench.Study.of(paper)
+    study = speed.Study.of(paper)
     assert study.ti_steps == 400 and study.ti_images_per_step == repo_cfg.textual_inversion.batch_size * 2
 
 
 def test_study_estimate_arithmetic():
     """Round figures in, hours out: one scenario, one seed, one classifier, no loading costs."""
-    study = bench.Study(seeds=1, tokens=7, ti_steps=100, ti_images_per_step=10, lora_steps=100, lora_batch=4,
+    study = speed.Study(seeds=1, tokens=7, ti_steps=100, ti_images_per_step=10, lora_steps=100, lora_batch=4,
                         per_source=5, train_images={1: 100}, test_images={1: 10}, classifier_archs=("resnet18",),
                         classifier_epochs=2)
-    s = bench.replace(bench.TINY, per_label=0)
+    s = speed.replace(speed.TINY, per_label=0)
     way = {"load_s": 0.0, "fixed_s": 0.0, "cache_s_per_image": 0.0, "images_per_s": 1.0}
     r = {
         "ti": {"reference": {**way, "load_s": 36.0}, "ours": {**way, "images_per_s": 7.0}},
@@ -142,7 +146,7 @@ def test_study_estimate_arithmetic():
         "classifiers": {"archs": {"resnet18": {"train_images_per_s": 100.0, "eval_images_per_s": 1000.0}},
                         "decode_s_per_image": {"real_jpeg": 0.0, "synthetic_png": 0.0}},
     }
-    h = bench.study_estimate(r, study, s)
+    h = speed.study_estimate(r, study, s)
     assert h["reference"]["ti"] == pytest.approx(7 * (36 + 1000) / 3600)  # 7 loads, 7 x 1,000 images at 1/s
     assert h["ours"]["ti"] == pytest.approx(1000 / 3600)  # 7,000 images at 7/s
     assert h["ours"]["lora"] == pytest.approx(200 / 3600) and h["ours"]["generation"] == pytest.approx(100 / 3600)
@@ -153,7 +157,7 @@ def test_study_estimate_arithmetic():
 
 @pytest.mark.gpu
 def test_tiny_bench_on_the_gpu_reports_memory_and_precisions(tmp_path):
-    r = bench.run(tmp_path, tiny=True, device="cuda")
+    r = speed.run(tmp_path, tiny=True, device="cuda")
     assert r["precision"] == {"reference": "fp16", "ours": "bf16"}
     assert r["generation"]["reference"]["peak_memory_gb"] > 0 and r["generation"]["ours"]["peak_memory_gb"] > 0
     assert "bf16" in r["matmul"]["label"] and r["study_hours"]["ours"]["total"] > 0

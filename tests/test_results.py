@@ -19,10 +19,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
-from test_classify import ROOT, small_cfg, write_study
 
-from skinaug import SkinaugError, atomic, classify, config, report
+from skinaug import SkinaugError, atomic, config, paper
+from skinaug.classify import classifiers, scoring
 from skinaug.cli import main
+from skinaug.report import figures, results
+from skinaug.report.names import STRATEGY_NAMES
+
+from test_classifiers import ROOT, small_cfg, write_study
 
 SEEDS = (0, 42, 123)
 REAL_ACC = {0: 50, 42: 60, 123: 70}  # mean 60, sample std 10 (population std would be 8.16)
@@ -39,7 +43,7 @@ def report_cfg() -> config.Config:
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     paths = write_study(root)
-    (template,) = classify.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], {"test": root / "one.json"},
+    (template,) = classifiers.run(paths["split_dir"], paths["images_dir"], paths["syn_dir"], {"test": root / "one.json"},
                                "resnet18", "real_syn", small_cfg(epochs=1), seed=0)
     return {**paths, "template": template, "root": root}
 
@@ -65,8 +69,8 @@ def write_run(path: Path, template: dict, correct_pct_by_fst: dict[int, int], pe
             pred.append(true[-1] if i < right else (true[-1] + 1) % len(labels))
             fst.append(s)
             names.append(f"{key}-{s}-{i:04d}")
-    rec = record(template, **classify.score(true, pred, labels, fst), **changes)
-    atomic.write_csv(classify.predictions_path(path), pd.DataFrame({
+    rec = record(template, **scoring.score(true, pred, labels, fst), **changes)
+    atomic.write_csv(scoring.predictions_path(path), pd.DataFrame({
         "md5hash": names, "fitzpatrick_scale": fst, "label": [labels[i] for i in true],
         "predicted": [labels[i] for i in pred]}))
     atomic.write_json(path, rec)
@@ -74,12 +78,12 @@ def write_run(path: Path, template: dict, correct_pct_by_fst: dict[int, int], pe
 
 
 def write_metrics(metrics_dir: Path, template: dict, scenario: int = 1, selection: str = "last",
-                  archs=classify.ARCHS) -> None:
+                  archs=classifiers.ARCHS) -> None:
     """3 archs × 3 train types × 3 seeds; syn = real + 1, real+syn = real + GAIN; FST 5 accuracy + 5, FST 6 − 5."""
-    sel = {"rule": selection, "label": classify.SELECTION_LABELS[selection], "honest": selection != "test_reference"}
+    sel = {"rule": selection, "label": config.SELECTION_LABELS[selection], "honest": selection != "test_reference"}
     for seed in SEEDS:
         for a, arch in enumerate(archs):
-            for train_type in classify.TRAIN_TYPES:
+            for train_type in config.TRAIN_TYPES:
                 acc = REAL_ACC[seed] + a + {"real": 0, "syn": 1, "real_syn": GAIN[seed]}[train_type]
                 write_run(metrics_dir / f"scenario{scenario}" / f"seed{seed}" / f"{arch}_{train_type}.json", template,
                           {5: acc + 5, 6: acc - 5}, key=f"s{seed}", scenario=scenario, seed=seed, arch=arch,
@@ -91,9 +95,9 @@ ABLATION_SHIFT = {0: 0, 42: 2}  # seed 42 scores 2 points (light) and 4 points (
 
 def write_ablation(metrics_dir: Path, template: dict, folder: str = "scenario1/ablation") -> None:
     """Two seeds (dvc.yaml: {folder}/seed{S}/{strategy}_{test}.json): light 20 + i (+2), dark 40 + 2i (+4)."""
-    sel = {"rule": "last", "label": classify.SELECTION_LABELS["last"], "honest": True}
+    sel = {"rule": "last", "label": config.SELECTION_LABELS["last"], "honest": True}
     for seed, shift in ABLATION_SHIFT.items():
-        for i, strategy in enumerate(report.PAPER_ABLATION):
+        for i, strategy in enumerate(paper.ABLATION):
             for test_name, acc, types in (("flex_light", 20 + i + shift, (1, 2)),
                                           ("flex_dark", 40 + 2 * i + 2 * shift, (5, 6))):
                 write_run(metrics_dir / folder / f"seed{seed}" / f"{strategy}_{test_name}.json", template,
@@ -122,7 +126,7 @@ def built(study, tmp_path_factory):
     write_metrics(metrics_dir, study["template"], scenario=2, selection="test_reference")
     write_ablation(metrics_dir, study["template"])
     out = tmp_path / "reports"
-    head = report.build_report(metrics_dir, out, report_cfg(), split_dir=study["split_dir"],
+    head = results.build_report(metrics_dir, out, report_cfg(), split_dir=study["split_dir"],
                                images_dir=study["images_dir"], syn_dir=study["syn_dir"])
     return {"out": out, "head": head, "metrics_dir": metrics_dir}
 
@@ -168,7 +172,7 @@ def test_report_renders_the_paper_tables_with_every_cell_filled(built):
     assert -30 < low < -21 < high < -12
     assert table5[1][5:] == ["21.00 ± 1.41 (FST 1)", "18.80", "21.22"]  # worst: the light set, FST 1 first of a tie
     assert "seeds 0, 42" in text
-    assert [r[0] for r in table5[1:]] == list(report.STRATEGY_NAMES.values())
+    assert [r[0] for r in table5[1:]] == [STRATEGY_NAMES[s] for s in paper.ABLATION]  # Table 5's order
     layout_csv = pd.read_csv(built["out"] / "table_scenario1.csv")
     assert layout_csv.notna().all().all() and layout_csv.shape == (3, 13)
     assert (built["out"] / "table_scenario2_test_reference.csv").exists()
@@ -186,14 +190,14 @@ def test_headline_metrics_and_plot_data(built):
 
 def test_test_selected_runs_never_take_the_honest_headline_names(study, tmp_path):
     write_metrics(tmp_path / "metrics", study["template"], selection="test_reference", archs=["vgg16"])
-    head = report.build_report(tmp_path / "metrics", tmp_path / "out", report_cfg())
+    head = results.build_report(tmp_path / "metrics", tmp_path / "out", report_cfg())
     assert head["selection"] == "test_reference" and set(head) == {"scenario", "selection", "test_reference"}
     assert head["test_reference"]["vgg16"]["real"]["accuracy_pct"] == pytest.approx(60.0)
     plot = pd.read_csv(tmp_path / "out" / "plots" / "accuracy.csv")
     assert len(plot) == 3 and plot.model.str.endswith("(TEST-selected, reference rule)").all()
     # once honest runs of the scenario exist beside them, they alone are the headline
     write_metrics(tmp_path / "metrics" / "honest", study["template"], selection="last", archs=["vgg16"])
-    head = report.build_report(tmp_path / "metrics", tmp_path / "out", report_cfg())
+    head = results.build_report(tmp_path / "metrics", tmp_path / "out", report_cfg())
     assert head["selection"] == "last" and "test_reference" not in head and "vgg16" in head
     assert not pd.read_csv(tmp_path / "out" / "plots" / "accuracy.csv").model.str.contains("TEST").any()
 
@@ -204,7 +208,7 @@ def test_figures_render(built):
     for name in names:
         with Image.open(built["out"] / "figures" / f"{name}.png") as im:
             assert im.format == "PNG" and min(im.size) > 200
-            assert im.size[0] <= report.WIDTH_IN * report.DPI, f"{name} would be shrunk in a markdown page"
+            assert im.size[0] <= figures.WIDTH_IN * figures.DPI, f"{name} would be shrunk in a markdown page"
 
 
 def test_cli_report(study, tmp_path):
@@ -225,34 +229,34 @@ def test_ablation_from_its_own_folder_beside_another_scenario(study, tmp_path):
     metrics = tmp_path / "metrics"
     write_metrics(metrics, study["template"], scenario=2)
     write_ablation(metrics, study["template"], folder="ablation")  # dvc.yaml: metrics/ablation, always scenario 1
-    head = report.build_report(metrics / "scenario2", tmp_path / "out", config.replace(report_cfg(), scenario=2),
+    head = results.build_report(metrics / "scenario2", tmp_path / "out", config.replace(report_cfg(), scenario=2),
                                ablation_dir=metrics / "ablation")
     assert head["scenario"] == 2
     text = (tmp_path / "out" / "results.md").read_text()
     assert "## Ablation (Table 5): scenario 1" in text and "## Scenario 2" in text
-    assert len(pd.read_csv(tmp_path / "out" / "ablation.csv")) == len(report.PAPER_ABLATION)
+    assert len(pd.read_csv(tmp_path / "out" / "ablation.csv")) == len(paper.ABLATION)
 
 
 def test_one_seed_and_missing_runs_are_marked_not_blank(study, tmp_path):
     metrics_dir = tmp_path / "metrics"
     write_ablation(metrics_dir, study["template"])
-    head = report.build_report(metrics_dir, tmp_path / "ablation_only", report_cfg())
+    head = results.build_report(metrics_dir, tmp_path / "ablation_only", report_cfg())
     assert head == {"scenario": 1, "selection": "last"}
     one = {"template": study["template"], "correct_pct_by_fst": {5: 12.5}, "per_fst": 8, "arch": "resnet18",
            "train_type": "real"}
     write_run(metrics_dir / "scenario1" / "seed0" / "resnet18_real.json", **one)
-    report.build_report(metrics_dir, tmp_path / "out", report_cfg())
+    results.build_report(metrics_dir, tmp_path / "out", report_cfg())
     layout = tables((tmp_path / "out" / "results.md").read_text())[0]
     assert layout[1][:4] == ["ResNet-18", "12.50 (n=1)", "–", "–"]
     write_run(metrics_dir / "scenario1" / "seed0" / "resnet18_syn.json", **one)
     with pytest.raises(SkinaugError, match="resnet18 real"):
-        report.build_report(metrics_dir, tmp_path / "out", report_cfg())
+        results.build_report(metrics_dir, tmp_path / "out", report_cfg())
 
 
 def test_no_metrics_is_a_clear_error(tmp_path):
     (tmp_path / "metrics").mkdir()
     with pytest.raises(SkinaugError, match="no classifier metrics"):
-        report.build_report(tmp_path / "metrics", tmp_path / "out", config.load(ROOT / "params.yaml"))
+        results.build_report(tmp_path / "metrics", tmp_path / "out", config.load(ROOT / "params.yaml"))
 
 
 def test_tone_section_carries_the_summary_rows_and_links_the_figure(study, tmp_path):
@@ -262,15 +266,15 @@ def test_tone_section_carries_the_summary_rows_and_links_the_figure(study, tmp_p
     tone_dir = tmp_path / "reports" / "tone"
     atomic.write_csv(tone_dir / "tone_summary.csv", pd.DataFrame(
         {"group": ["real dark", "synthetic"], "fitzpatrick_scale": [6, 6], "n": [3, 4], "ita_median": [-69.3, -51.8]}))
-    report.build_report(metrics_dir, tmp_path / "reports", report_cfg(), tone_dir=tone_dir)
+    results.build_report(metrics_dir, tmp_path / "reports", report_cfg(), tone_dir=tone_dir)
     text = (tmp_path / "reports" / "results.md").read_text()
     assert "| synthetic | 6 | 4 | -51.8 |" in text and "](tone/tone.png)" in text
     with pytest.raises(SkinaugError, match="run `skinaug tone`"):
-        report.build_report(metrics_dir, tmp_path / "out", report_cfg(), tone_dir=tmp_path / "nothing")
+        results.build_report(metrics_dir, tmp_path / "out", report_cfg(), tone_dir=tmp_path / "nothing")
 
 
 def test_classify_writes_the_predictions_the_report_reads(study):
-    table = report.read_predictions(study["root"] / "one.json", study["template"])
+    table = results.read_predictions(study["root"] / "one.json", study["template"])
     assert len(table) == study["template"]["n_test"] and list(table.columns) == ["md5hash", "fitzpatrick_scale",
                                                                                  "true", "pred"]
     assert 100 * (table.true == table.pred).mean() == pytest.approx(study["template"]["accuracy_pct"])
@@ -280,12 +284,12 @@ def test_predictions_that_are_missing_or_do_not_match_are_refused(study, tmp_pat
     path = tmp_path / "vgg16_real.json"
     rec = write_run(path, study["template"], {5: 50}, per_fst=10)
     with pytest.raises(SkinaugError, match="does not give the accuracy"):
-        report.read_predictions(path, {**rec, "accuracy_pct": 60.0})
+        results.read_predictions(path, {**rec, "accuracy_pct": 60.0})
     with pytest.raises(SkinaugError, match="does not match vgg16_real.json"):
-        report.read_predictions(path, {**rec, "n_test": 11})
-    classify.predictions_path(path).unlink()
+        results.read_predictions(path, {**rec, "n_test": 11})
+    scoring.predictions_path(path).unlink()
     with pytest.raises(SkinaugError, match="vgg16_real.predictions.csv not found.*re-run its classify stage"):
-        report.read_predictions(path, rec)
+        results.read_predictions(path, rec)
 
 
 def test_intervals_worst_group_and_the_paired_test_in_the_report(built):
@@ -319,7 +323,7 @@ def paired_row(low: float, high: float, n_seeds: int = 5, p: float = 0.0625) -> 
     (0.5, 4.0, "VGG-16 helped, +2.25 points"), (-6.0, -2.0, "VGG-16 hurt, -4.00 points")])
 def test_the_sentence_says_not_shown_when_the_interval_includes_zero(low, high, verdict):
     per_seed = pd.DataFrame({"n_dark": [56] * 5})
-    sentence = report.dark_sentence(1, paired_row(low, high), per_seed, [5, 6])
+    sentence = results.dark_sentence(1, paired_row(low, high), per_seed, [5, 6])
     assert verdict in sentence and ("not shown" in sentence) == (low <= 0 <= high)
     assert sentence.startswith("**Did the synthetic images help on dark skin?** Scenario 1") and "56 per seed" in sentence
     assert "at best 0.0625" in sentence  # five seeds cannot reach 0.05
@@ -327,19 +331,19 @@ def test_the_sentence_says_not_shown_when_the_interval_includes_zero(low, high, 
 
 def test_the_sentence_says_what_the_seeds_can_show():
     per_seed = pd.DataFrame({"n_dark": [56] * 6})
-    assert "the 6 seeds agree (sign-flip p = 0.0312)" in report.dark_sentence(
+    assert "the 6 seeds agree (sign-flip p = 0.0312)" in results.dark_sentence(
         1, paired_row(1.0, 3.0, n_seeds=6, p=0.03125), per_seed, [5, 6])
-    assert "the 6 seeds leave it open (sign-flip p = 0.41)" in report.dark_sentence(
+    assert "the 6 seeds leave it open (sign-flip p = 0.41)" in results.dark_sentence(
         1, paired_row(1.0, 3.0, n_seeds=6, p=0.40625), per_seed, [5, 6])
-    assert "one seed" in report.dark_sentence(1, paired_row(1.0, 3.0, n_seeds=1, p=np.nan), per_seed, [5, 6])
+    assert "one seed" in results.dark_sentence(1, paired_row(1.0, 3.0, n_seeds=1, p=np.nan), per_seed, [5, 6])
 
 
 def test_metrics_json_keeps_the_headline_and_the_rest_goes_to_files_of_their_own(built):
     head = json.loads((built["out"] / "metrics.json").read_text())
-    assert set(head) == {"scenario", "selection", *classify.ARCHS}
-    for arch in classify.ARCHS:
+    assert set(head) == {"scenario", "selection", *classifiers.ARCHS}
+    for arch in classifiers.ARCHS:
         assert set(head[arch]) == {"real", "syn", "real_syn", "gain"}
-        assert all(set(head[arch][t]) == {"accuracy_pct", "f1_pct"} for t in classify.TRAIN_TYPES)
+        assert all(set(head[arch][t]) == {"accuracy_pct", "f1_pct"} for t in config.TRAIN_TYPES)
     gain = head["resnet18"]["gain"]
     assert gain["accuracy_pct"] == pytest.approx(3.0) and 0 < gain["ci_low"] < 3 < gain["ci_high"]
     detail = {name: json.loads((built["out"] / f"metrics_{name}.json").read_text())
@@ -358,4 +362,4 @@ def test_metrics_json_keeps_the_headline_and_the_rest_goes_to_files_of_their_own
 def test_the_quality_section_needs_the_quality_stage(tmp_path):
     """--quality-dir without any quality.md under it: one line naming the stage to run."""
     with pytest.raises(SkinaugError, match="run `skinaug quality`"):
-        report._quality_section(tmp_path, tmp_path)
+        results._quality_section(tmp_path, tmp_path)

@@ -1,7 +1,8 @@
 """Metrics files -> the paper's tables and figures, ours beside the paper's (SPEC §5–7).
 
     skinaug report metrics/scenario1 reports --ablation-dir metrics/ablation \
-        --split-dir data/splits/scenario1/seed0 --images-dir data/images --syn-dir data/syn/scenario1/seed0
+        --split-dir data/splits/scenario1/seed0 --images-dir data/images --syn-dir data/synthetic/scenario1/seed0 \
+        --tone-dir reports/tone --quality-dir reports/quality/scenario1
 
 Reads every classifier JSON under metrics_dir (and the ablation dir):
     seed{seed}/{arch}_{train_type}.json     the main study (Tables 2–4)
@@ -21,6 +22,10 @@ table_scenario{S}.csv, paired_difference.csv, paired_difference_by_seed.csv,
 accuracy_by_skin_type.csv, ablation.csv, metrics.json (the short headline for `dvc exp show`),
 metrics_intervals.json, metrics_groups.json, metrics_ablation.json (the rest, one top-level key
 each), plots/accuracy.csv (for `dvc plots`) and figures/*.png (8 in wide at 110 dpi: shown 1:1).
+
+Over 300 lines for one idea: results.md's tables and sentences are laid out together so that they
+agree; its statistics are report/stats.py's, its figures report/figures.py's, the names it prints
+report/names.py's.
 """
 from __future__ import annotations
 
@@ -31,31 +36,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from PIL import Image
 
-from skinaug import SkinaugError, atomic, classify, data, stats
-from skinaug.classify import ARCHS, SELECTION_LABELS, TRAIN_TYPES
-from skinaug.config import Config
+from skinaug import SkinaugError, atomic, paper
+from skinaug.classify import scoring
+from skinaug.config import ARCHS, SELECTION_LABELS, TRAIN_TYPES, Config
+from skinaug.data import fitzpatrick
+from skinaug.report import figures, stats
+from skinaug.report.names import (ARCH_NAMES, METRICS, SCENARIO_CAPTIONS, STRATEGY_NAMES, TRAIN_NAMES, ordered,
+                                   paper_accuracy)
 
-METRICS = {"accuracy_pct": "Accuracy", "precision_pct": "Precision", "recall_pct": "Recall", "f1_pct": "F1"}
-ARCH_NAMES = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "vit_b_16": "ViT-B-16"}
-TRAIN_NAMES = {"real": "real", "syn": "syn", "real_syn": "real+syn"}
-SCENARIOS = {1: "train dark non-flexible + light non-flexible → test dark flexible",
-             2: "train dark flexible + light non-flexible → test dark non-flexible",
-             3: "train light non-flexible → test dark non-flexible"}
-PAPER_TABLE = {1: "Table 2", 2: "Table 3", 3: "Table 4"}
-# Paper accuracy, mean over 5 repeats (SPEC §5): real, syn, real+syn.
-PAPER_ACCURACY = {
-    1: {"vgg16": (70.24, 75.00, 77.98), "resnet18": (68.45, 69.05, 71.36), "vit_b_16": (70.38, 74.19, 78.65)},
-    2: {"vgg16": (58.79, 62.86, 63.66), "resnet18": (50.31, 56.36, 61.33), "vit_b_16": (62.03, 68.83, 71.20)},
-    3: {"vgg16": (55.58, 57.62, 58.08), "resnet18": (49.42, 53.47, 56.50), "vit_b_16": (57.66, 58.94, 60.96)},
-}
-# Paper Table 5 (SPEC §6): accuracy on the light / dark flexible 56, VGG-16 trained on syn only.
-PAPER_ABLATION = {"txt2img_vanilla": (18.80, 21.22), "txt2img_ti": (35.36, 44.64), "img2img_vanilla": (48.21, 69.64),
-                  "img2img_ti": (46.43, 71.43), "img2img_lora": (52.00, 73.21), "img2img_ti_lora": (53.57, 79.57)}
-STRATEGY_NAMES = {"txt2img_vanilla": "txt2img vanilla", "txt2img_ti": "txt2img TI", "img2img_vanilla": "img2img vanilla",
-                  "img2img_ti": "img2img TI", "img2img_lora": "img2img LoRA", "img2img_ti_lora": "img2img TI+LoRA"}
 KEYS = ["scenario", "selection", "arch", "train_type"]
 
 
@@ -70,10 +59,6 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
 
     columns = [c for c in ("scenario", "selection", "arch", "train_type", "group") if c in df.columns]
     return df.sort_values(columns, key=key, kind="stable").reset_index(drop=True)
-
-
-def paper_accuracy(scenario: int, arch: str, train_type: str) -> float:
-    return PAPER_ACCURACY.get(scenario, {}).get(arch, (np.nan,) * 3)[TRAIN_TYPES.index(train_type)]
 
 
 # --- reading and aggregating ---------------------------------------------------------------
@@ -106,11 +91,11 @@ def read_predictions(metrics_path: Path, record: dict) -> pd.DataFrame:
     """The per-image predictions beside a classifier's metrics file (classify.predictions_path), as
     class ids (true, pred) beside md5hash and fitzpatrick_scale; they must give the record's accuracy."""
     again = "re-run its classify stage (`dvc repro`)"
-    path = classify.predictions_path(metrics_path)
+    path = scoring.predictions_path(metrics_path)
     if not path.is_file():
         raise SkinaugError(f"{path} not found beside {metrics_path.name} (metrics older than the per-image "
                            f"predictions?): {again}")
-    table = data.read_table(path)
+    table = fitzpatrick.read_table(path)
     labels = record["labels"]
     unknown = sorted((set(table.label) | set(table.predicted)) - set(labels))
     if unknown or len(table) != record["n_test"]:
@@ -193,12 +178,12 @@ def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0
         per_seed = g.pivot_table(index="seed", columns="test_name", values="accuracy_pct")
         light = per_seed.get("flex_light", pd.Series(np.nan, index=per_seed.index))
         dark = per_seed.get("flex_dark", pd.Series(np.nan, index=per_seed.index))
-        paper = PAPER_ABLATION.get(strategy, (np.nan, np.nan))
+        reported = paper.ABLATION.get(strategy, (np.nan, np.nan))
         sizes = g.groupby("test_name").record.first().map(lambda r: r["n_test"])
         row = {"selection": selection, "strategy": strategy, "scenario": g.scenario.iloc[0],
                "n_test": " / ".join(f"{k} {v}" for k, v in sizes.items()), "arch": g.arch.iloc[0],
                "n_seeds": len(per_seed), "seeds": " ".join(map(str, sorted(per_seed.index))),
-               "paper_accuracy_pct_light": paper[0], "paper_accuracy_pct_dark": paper[1]}
+               "paper_accuracy_pct_light": reported[0], "paper_accuracy_pct_dark": reported[1]}
         for name, values in (("accuracy_pct_light", light), ("accuracy_pct_dark", dark),
                              ("gap_light_minus_dark", light - dark)):
             row |= {f"{name}_mean": values.mean(), f"{name}_std": values.std()}
@@ -213,7 +198,7 @@ def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0
                 "worst_group_pct_std": np.std([a for _, a in worst], ddof=1) if len(worst) > 1 else np.nan,
                 "worst_group_fitzpatrick_scale": stats.most_frequent(w for w, _ in worst)}
         rows.append(row)
-    order = {s: i for i, s in enumerate(PAPER_ABLATION)}
+    order = {s: i for i, s in enumerate(paper.ABLATION)}
     out = pd.DataFrame(rows, columns=columns)
     return out.sort_values("strategy", key=lambda s: s.map(lambda x: order.get(x, len(order))), kind="stable")
 
@@ -232,14 +217,10 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ordered(values, order) -> list:
-    return sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), str(v)))
-
-
 def paper_layout(summary: pd.DataFrame) -> pd.DataFrame:
     """Rows arch; columns real / syn / real+syn for each metric (the layout of the paper's Tables 2–4)."""
     rows = []
-    for arch in _ordered(summary.arch, ARCHS):
+    for arch in ordered(summary.arch, ARCHS):
         row = {"Model": ARCH_NAMES.get(arch, arch)}
         for m, name in METRICS.items():
             for t in TRAIN_TYPES:
@@ -251,12 +232,12 @@ def paper_layout(summary: pd.DataFrame) -> pd.DataFrame:
 
 def paper_beside_ours(summary: pd.DataFrame, scenario: int) -> pd.DataFrame:
     rows = []
-    for arch in _ordered(summary.arch, ARCHS):
+    for arch in ordered(summary.arch, ARCHS):
         row = {"Model": ARCH_NAMES.get(arch, arch)}
         for t in TRAIN_TYPES:
             s = summary[(summary.arch == arch) & (summary.train_type == t)]
-            paper = paper_accuracy(scenario, arch, t)
-            row[f"{TRAIN_NAMES[t]} paper (reported)"] = "–" if np.isnan(paper) else f"{paper:.2f}"
+            reported = paper_accuracy(scenario, arch, t)
+            row[f"{TRAIN_NAMES[t]} paper (reported)"] = "–" if np.isnan(reported) else f"{reported:.2f}"
             row[f"{TRAIN_NAMES[t]} ours"] = cell(*s[["accuracy_pct_mean", "accuracy_pct_std", "n_seeds"]].iloc[0]) if len(s) else "–"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -271,10 +252,10 @@ def _scenario_section(scenario: int, selection: str, main, summary, paired, per_
     facts = (f"Model selection: **{SELECTION_LABELS[selection]}** · {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) · "
              f"test set {', '.join(sorted(set(runs.test_name)))} ({int(runs.record.iloc[0]['n_test'])} images) · "
              f"profile {', '.join(sorted({r['profile'] for r in runs.record}))}\n")
-    out = [f"## Scenario {scenario}: {SCENARIOS.get(scenario, '')}\n", facts]
+    out = [f"## Scenario {scenario}: {SCENARIO_CAPTIONS.get(scenario, '')}\n", facts]
     if len(paired):
         out.append(dark_sentence(scenario, paired, per_seed, dark) + "\n")
-    out += [f"### {PAPER_TABLE.get(scenario, 'Table')} layout — ours\n", markdown(paper_layout(summary)),
+    out += [f"### {paper.TABLES.get(scenario, 'Table')} layout — ours\n", markdown(paper_layout(summary)),
             "\n### Accuracy: paper (reported) beside ours\n", markdown(paper_beside_ours(summary, scenario)),
             "\n### How sure, and for whom: 95 % intervals over the test images, worst-served skin type\n",
             "Mean over seeds [95 % percentile bootstrap interval: each seed's test images drawn with replacement, "
@@ -303,7 +284,7 @@ def _scenario_section(scenario: int, selection: str, main, summary, paired, per_
                 "n seeds cannot give p below 2 / 2^n (5 seeds: 0.0625).\n\n", markdown(table),
                 "\nPer seed:\n\n", markdown(by_seed)]
     if len(skin):
-        groups = _ordered(skin.group, [f"FST {s}" for s in range(1, 7)] + ["light − dark gap"])
+        groups = ordered(skin.group, [f"FST {s}" for s in range(1, 7)] + ["light − dark gap"])
         rows = []
         for (arch, t), g in skin.groupby(["arch", "train_type"], sort=False):
             row = {"Model": ARCH_NAMES.get(arch, arch), "Train": TRAIN_NAMES.get(t, t)}
@@ -404,103 +385,6 @@ def _ablation_section(table: pd.DataFrame) -> str:
             f"group: the lowest accuracy among the skin types of both sets, per seed. Model selection: "
             f"**{SELECTION_LABELS[first.selection]}**.{chosen}\n\n"
             + markdown(shown))
-
-
-# --- figures ---------------------------------------------------------------------------------
-
-COLOURS = {"real": "#4c72b0", "syn": "#dd8452", "real_syn": "#55a868"}
-# Figures are shown 1:1 in a markdown page (GitHub's column is about 880 px): at most WIDTH_IN inches
-# at DPI, so nothing is shrunk, and no text below MIN_FONT_PT.
-DPI, WIDTH_IN, MIN_FONT_PT = 110, 8.0, 8
-
-
-def metrics_figure(summary: pd.DataFrame, scenario: int, selection: str, path: Path) -> None:
-    archs = _ordered(summary.arch, ARCHS)
-    fig = Figure(figsize=(WIDTH_IN, 6.4), layout="constrained")
-    axes = fig.subplots(2, 2, sharey=True).ravel()
-    x, width = np.arange(len(archs)), 0.8 / len(TRAIN_TYPES)
-    for ax, (m, name) in zip(axes, METRICS.items()):
-        for i, t in enumerate(TRAIN_TYPES):
-            s = summary[summary.train_type == t].set_index("arch").reindex(archs)
-            ax.bar(x + (i - 1) * width, s[f"{m}_mean"], width, yerr=s[f"{m}_std"].fillna(0), capsize=3,
-                   color=COLOURS[t], label=f"ours {TRAIN_NAMES[t]}")
-            if m == "accuracy_pct":
-                paper = [paper_accuracy(scenario, a, t) for a in archs]
-                ax.plot(x + (i - 1) * width, paper, "k_", markersize=14, mew=2,
-                        label="paper (reported)" if i == 0 else None)
-        ax.set(title=name, xticks=x, xticklabels=[ARCH_NAMES.get(a, a) for a in archs], ylim=(0, 100))
-    for ax in axes[::2]:
-        ax.set_ylabel("% on the test set\n(mean ± sample std over seeds)", fontsize=9)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=MIN_FONT_PT + 1)
-    fig.suptitle(f"Scenario {scenario}: {SCENARIOS.get(scenario, '')}\nselection: {SELECTION_LABELS[selection]}",
-                 fontsize=10)
-    _save(fig, path)
-
-
-def confusion_figure(runs: pd.DataFrame, scenario: int, selection: str, path: Path) -> None:
-    """Confusion matrices summed over seeds, one panel per arch × train type; colour = row share."""
-    labels = runs.record.iloc[0]["labels"]
-    archs, types = _ordered(runs.arch, ARCHS), _ordered(runs.train_type, list(TRAIN_TYPES))
-    short = [label[:3] for label in labels]
-    side = min(3.3, WIDTH_IN / len(types))
-    fig = Figure(figsize=(side * len(types), side * len(archs) + 0.9), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(archs), len(types), squeeze=False))
-    for (i, arch), (j, t) in ((a, b) for a in enumerate(archs) for b in enumerate(types)):
-        ax, g = axes[i, j], runs[(runs.arch == arch) & (runs.train_type == t)]
-        if g.empty:
-            ax.set_axis_off()
-            continue
-        cm = np.sum([np.asarray(r["confusion_matrix"]) for r in g.record], axis=0)
-        share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for (r, c), v in np.ndenumerate(cm):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=MIN_FONT_PT,
-                    color="white" if share[r, c] > 0.6 else "black")
-        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=short, yticklabels=short)
-        ax.set_title(f"{ARCH_NAMES.get(arch, arch)}, {TRAIN_NAMES.get(t, t)} ({len(g)} seeds)", fontsize=9)
-        ax.tick_params(labelsize=MIN_FONT_PT)
-    key = [f"{s} = {label}" for s, label in zip(short, labels)]
-    fig.suptitle(f"Scenario {scenario}, selection {selection}: rows true label, columns predicted; summed over seeds\n"
-                 + "\n".join(", ".join(key[i:i + 4]) for i in range(0, len(key), 4)), fontsize=MIN_FONT_PT + 1)
-    _save(fig, path)
-
-
-def pairs_figure(split_dir: Path, images_dir: Path, syn_dir: Path, labels: list[str], path: Path,
-                 per_source: int = 5) -> None:
-    """The paper's Fig. 2: per label, one real training image (the lightest skin type available)
-    beside its synthetic versions."""
-    train = data.read_table(Path(split_dir) / "train.csv")
-    manifest = data.read_table(Path(syn_dir) / "manifest.csv")
-    chosen = []
-    for label in labels:
-        rows = train[(train.label == label) & train.md5hash.isin(manifest.source_md5hash)]
-        if len(rows):
-            src = rows.sort_values("fitzpatrick_scale", kind="stable").iloc[0]
-            chosen.append((label, src, manifest[manifest.source_md5hash == src.md5hash].head(per_source)))
-    if not chosen:
-        raise SkinaugError(f"no training image in {split_dir} has a synthetic version in {syn_dir}/manifest.csv")
-    cols = 1 + max(len(s) for *_, s in chosen)
-    tile = min(1.7, WIDTH_IN / cols)
-    fig = Figure(figsize=(tile * cols, (tile + 0.1) * len(chosen)), layout="constrained")
-    axes = fig.subplots(len(chosen), cols, squeeze=False)
-    for row, (label, src, syn) in zip(axes, chosen):
-        tiles = [(Path(images_dir) / f"{src.md5hash}.jpg", f"real, FST {src.fitzpatrick_scale}")]
-        tiles += [(Path(syn_dir) / s.file, f"synthetic, FST {s.fitzpatrick_scale}") for s in syn.itertuples()]
-        for ax in row:
-            ax.set_axis_off()
-        for ax, (file, title) in zip(row, tiles):
-            with Image.open(file) as im:
-                ax.imshow(im.convert("RGB"))
-            ax.set_title(title, fontsize=MIN_FONT_PT)
-        row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right", va="center",
-                    fontsize=MIN_FONT_PT)
-    fig.suptitle("Real training images (left)\nand their synthetic versions", fontsize=9)
-    _save(fig, path)
-
-
-def _save(fig: Figure, path: Path) -> None:
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -658,14 +542,14 @@ def build_report(metrics_dir: Path, out_dir: Path, cfg: Config, split_dir: Path 
         runs = main[(main.scenario == scenario) & (main.selection == selection)]
         part = summary[(summary.scenario == scenario) & (summary.selection == selection)]
         atomic.write_csv(out_dir / f"table_scenario{scenario}{suffix}.csv", paper_layout(part))
-        metrics_figure(part, scenario, selection, out_dir / "figures" / f"metrics_scenario{scenario}{suffix}.png")
-        confusion_figure(runs, scenario, selection, out_dir / "figures" / f"confusion_scenario{scenario}{suffix}.png")
-    for selection in _ordered(ab.selection, honest + ["test_reference"]):
+        figures.metrics_figure(part, scenario, selection, out_dir / "figures" / f"metrics_scenario{scenario}{suffix}.png")
+        figures.confusion_figure(runs, scenario, selection, out_dir / "figures" / f"confusion_scenario{scenario}{suffix}.png")
+    for selection in ordered(ab.selection, honest + ["test_reference"]):
         text.append(_ablation_section(ab[ab.selection == selection]))
     if any(d is not None for d in (split_dir, images_dir, syn_dir)):
         if None in (split_dir, images_dir, syn_dir):
             raise SkinaugError("the real-vs-synthetic figure needs --split-dir, --images-dir and --syn-dir together")
-        pairs_figure(split_dir, images_dir, syn_dir, cfg.subset.labels, out_dir / "figures" / "real_vs_synthetic.png")
+        figures.pairs_figure(split_dir, images_dir, syn_dir, cfg.subset.labels, out_dir / "figures" / "real_vs_synthetic.png")
         text.append("\n![Real training images beside their synthetic versions](figures/real_vs_synthetic.png)\n")
     if tone_dir is not None:
         text.append(_tone_section(Path(tone_dir), out_dir))

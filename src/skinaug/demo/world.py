@@ -5,6 +5,9 @@
 Same columns as Fitzpatrick17k and exactly the paper's Table 1 counts. The drawing
 pieces (skin per tone, lesion per label, the photograph) are reused by the web
 corpus the tiny demo base model is pretrained on.
+
+Over 300 lines for one idea: the drawing functions of the demo world (skin, lesions, the
+photograph, the web corpus share them); only the demo profile runs it.
 """
 from __future__ import annotations
 
@@ -16,21 +19,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skinaug import SkinaugError, atomic
+from skinaug import SkinaugError, atomic, paper, prompts
 from skinaug.config import SubsetConfig, WorldConfig
 
-# Images per label and fitzpatrick_scale in the study subset: paper Table 1, counted
-# once from fitzpatrick17k.csv (md5 75556ecbd0bd6227050112565c24b991). The demo world
-# draws exactly these; the real CSV is never read here.
-TABLE1_COUNTS = {
-    "basal cell carcinoma": {1: 85, 2: 156, 5: 24, 6: 7},
-    "folliculitis": {1: 30, 2: 97, 5: 31, 6: 9},
-    "nematode infection": {1: 15, 2: 56, 5: 32, 6: 12},
-    "neutrophilic dermatoses": {1: 70, 2: 115, 5: 31, 6: 15},
-    "prurigo nodularis": {1: 7, 2: 28, 5: 29, 6: 9},
-    "psoriasis": {1: 113, 2: 232, 5: 64, 6: 21},
-    "squamous cell carcinoma": {1: 100, 2: 180, 5: 40, 6: 23},
-}
 # (nine_partition_label, three_partition_label) of each label, as in the real CSV.
 _PARTITIONS = {
     "basal cell carcinoma": ("malignant epidermal", "malignant"),
@@ -173,12 +164,12 @@ def make_world(world: WorldConfig, subset: SubsetConfig, out_dir: Path) -> pd.Da
     shuffled like the real CSV, about 1 % near-duplicate photos (as in the real data)
     and the same seed always gives the same rows and bytes. A few seconds.
     """
-    unknown = [label for label in subset.labels if label not in TABLE1_COUNTS]
+    unknown = [label for label in subset.labels if label not in paper.TABLE1_COUNTS]
     if unknown:
         raise SkinaugError(f"the demo world has no pattern for {', '.join(unknown)}; "
-                           f"it knows {', '.join(TABLE1_COUNTS)}")
+                           f"it knows {', '.join(paper.TABLE1_COUNTS)}")
     rng = np.random.default_rng(world.seed)
-    cells = [(label, fst) for label in subset.labels for fst, k in TABLE1_COUNTS[label].items() for _ in range(k)]
+    cells = [(label, fst) for label in subset.labels for fst, k in paper.TABLE1_COUNTS[label].items() for _ in range(k)]
     order = rng.permutation(len(cells))
     labels = np.array([cells[i][0] for i in order])
     fsts = np.array([cells[i][1] for i in order])
@@ -503,7 +494,6 @@ _MARK_SHARE = {"lesion": 0.5}
 
 def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """n captioned photos of generic marks on skin types 1-6 (uniform): (uint8 (n,S,S,3), fsts, captions)."""
-    from skinaug import prompts
 
     rng = np.random.default_rng(seed)
     fsts = rng.integers(1, 7, n)
@@ -521,6 +511,5 @@ def web_corpus(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, li
         img = _paint(skin, layers, lesion_colours(fsts[rows], rng))
         pixels[rows] = photograph(img, layers.get("height", np.zeros(u.shape, np.float32)), rng)
     article = {"freckles": "", "bruise": "a ", "mole": "a ", "rash": "a ", "scar": "a ", "lesion": "a "}
-    captions = [prompts.LORA_TEMPLATE.format(condition=article[m] + m, tone=prompts.TONES[int(f)])
-                for m, f in zip(marks, fsts)]
+    captions = [prompts.skin_text(article[m] + m, f) for m, f in zip(marks, fsts)]
     return pixels, fsts, captions

@@ -25,7 +25,8 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, classify, config
+from skinaug import SkinaugError, atomic, config
+from skinaug.classify import classifiers, scoring
 from skinaug.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +103,10 @@ def write_study(root: Path, per_label_train: int = 4, per_label_test: int = 2, s
 HEADS = {"vgg16": "classifier.6.", "resnet18": "fc.", "vit_b_16": "heads.head."}
 
 
-@pytest.mark.parametrize("arch", classify.ARCHS)
+@pytest.mark.parametrize("arch", classifiers.ARCHS)
 def test_frozen_backbone_gives_seven_log_probs_and_only_the_head_trains(arch):
     torch.manual_seed(0)
-    model = classify.build_classifier(arch, 7, pretrained=False, freeze_backbone=True)
+    model = classifiers.build_classifier(arch, 7, pretrained=False, freeze_backbone=True)
     size, n = (224, 1) if arch == "vit_b_16" else (32, 2)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith(HEADS[arch]) for name in trainable)
@@ -125,14 +126,14 @@ def test_frozen_backbone_gives_seven_log_probs_and_only_the_head_trains(arch):
 
 
 def test_unfrozen_backbone_trains_everything_and_vit_takes_small_images():
-    model = classify.build_classifier("vit_b_16", 7, pretrained=False, freeze_backbone=False, image_size=32)
+    model = classifiers.build_classifier("vit_b_16", 7, pretrained=False, freeze_backbone=False, image_size=32)
     assert all(p.requires_grad for p in model.parameters())
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
 def test_missing_weights_offline_say_where_to_put_them(tmp_path):
     with pytest.raises(SkinaugError) as err:
-        classify.build_classifier("resnet18", 7, pretrained=True, freeze_backbone=True)
+        classifiers.build_classifier("resnet18", 7, pretrained=True, freeze_backbone=True)
     message = str(err.value)
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
@@ -140,14 +141,14 @@ def test_missing_weights_offline_say_where_to_put_them(tmp_path):
 
 
 def test_preplaced_weights_load_without_network(tmp_path):
-    reference = classify.build_classifier("resnet18", 7, pretrained=False, freeze_backbone=False)
+    reference = classifiers.build_classifier("resnet18", 7, pretrained=False, freeze_backbone=False)
     # torchvision's resnet18 file holds the 1000-class ImageNet fc
     state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     state |= {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(state, cache / "resnet18-f37072fd.pth")
-    model = classify.build_classifier("resnet18", 7, pretrained=True, freeze_backbone=True)
+    model = classifiers.build_classifier("resnet18", 7, pretrained=True, freeze_backbone=True)
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
 
 
@@ -156,7 +157,7 @@ def test_preplaced_weights_load_without_network(tmp_path):
 def test_sampler_balances_labels_over_a_drawn_epoch():
     counts = [700, 350, 140, 70, 35, 21, 14]  # the biggest class is 53 % of the data
     targets = torch.repeat_interleave(torch.arange(7), torch.tensor(counts))
-    order = classify.balanced_order(targets, torch.Generator().manual_seed(0))
+    order = classifiers.balanced_order(targets, torch.Generator().manual_seed(0))
     assert len(order) == len(targets)
     shares = torch.bincount(targets[order], minlength=7) / len(order)
     assert torch.all((shares - 1 / 7).abs() < 0.04), shares
@@ -166,23 +167,23 @@ def test_val_rule_never_trains_on_held_out_images_or_their_offspring(tmp_path):
     study = write_study(tmp_path, per_label_train=6, per_label_test=1, syn_per_source=2)
     train = pd.read_csv(study["split_dir"] / "train.csv")
     manifest = pd.read_csv(study["syn_dir"] / "manifest.csv")
-    for train_type in classify.TRAIN_TYPES:
-        items, val = classify.training_items(train, manifest, train_type, study["images_dir"], study["syn_dir"],
+    for train_type in config.TRAIN_TYPES:
+        items, val = classifiers.training_items(train, manifest, train_type, study["images_dir"], study["syn_dir"],
                                              "val", 0.3, seed=42)
         assert not set(items.md5hash) & set(val.md5hash)
         assert (val.kind == "real").all() and len(val) == 7 * 2  # round(0.3 * 6) per label
         assert val.label.value_counts().to_dict() == {label: 2 for label in LABELS}
         expected = {"real": 28, "syn": 56, "real_syn": 84}[train_type]
         assert len(items) == expected
-    items, val = classify.training_items(train, manifest, "real_syn", study["images_dir"], study["syn_dir"],
+    items, val = classifiers.training_items(train, manifest, "real_syn", study["images_dir"], study["syn_dir"],
                                          "last", 0.3, seed=42)
     assert val is None and len(items) == 42 + 84
 
 
 def test_holdout_is_seeded_and_keeps_every_label_in_training():
     rows = pd.DataFrame({"label": ["a"] * 10 + ["b"] * 2 + ["c"]})
-    held = classify.stratified_holdout(rows, 0.15, seed=1)
-    assert held.tolist() == classify.stratified_holdout(rows, 0.15, seed=1).tolist()
+    held = classifiers.stratified_holdout(rows, 0.15, seed=1)
+    assert held.tolist() == classifiers.stratified_holdout(rows, 0.15, seed=1).tolist()
     assert rows[held].label.value_counts().to_dict() == {"a": 2, "b": 1}  # c has one image: it stays
 
 
@@ -191,7 +192,7 @@ def test_warp_matches_torchvision_transforms():
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     image = torch.stack([128 + 100 * torch.sin(xx / 7), 128 + 100 * torch.cos(yy / 9), (xx + yy) * 1.0])[None]
     angle = 10.0
-    ours = classify.warp(image, classify.whole_canvas(image), torch.tensor([[5.0, 3.0, 50.0, 58.0]]),
+    ours = classifiers.warp(image, classifiers.whole_canvas(image), torch.tensor([[5.0, 3.0, 50.0, 58.0]]),
                          torch.tensor([math.radians(angle)]), torch.tensor([True]), size, crop)
     ref = TF.resized_crop(image, top=3, left=5, height=58, width=50, size=[size, size])
     ref = TF.center_crop(TF.horizontal_flip(TF.rotate(ref, angle, TF.InterpolationMode.BILINEAR)), [crop, crop])
@@ -214,9 +215,9 @@ def smooth_photo(path: Path, width: int, height: int) -> torch.Tensor:
 def test_warp_of_a_whole_non_square_photo_matches_torchvision(tmp_path, box, angle, flip, tolerance):
     size, crop = 36, 32
     photo = smooth_photo(tmp_path / "p.png", 90, 60)
-    canvas, frames = classify.decode_frames([str(tmp_path / "p.png")], size)
+    canvas, frames = classifiers.decode_frames([str(tmp_path / "p.png")], size)
     assert frames.tolist() == [[90, 60, 45, 36]]  # shorter side 36, longer 54 capped at 36 / 0.8
-    ours = classify.warp(canvas, frames, torch.tensor([box], dtype=torch.float64),
+    ours = classifiers.warp(canvas, frames, torch.tensor([box], dtype=torch.float64),
                          torch.tensor([math.radians(angle)]), torch.tensor([flip]), size, crop)
     x0, y0, w, h = box
     ref = TF.rotate(TF.resized_crop(photo.float()[None], y0, x0, h, w, [size, size]), angle,
@@ -239,7 +240,7 @@ def test_boxes_follow_torchvision_get_params_over_the_whole_frame(width, height)
     """Same distribution as get_params: box position and size, and how often all 10 tries fail
     (470 x 300: about 86 % of the time), falling back to the 4:3 centre."""
     n = 2000
-    ours = classify.random_resized_boxes(torch.tensor([[width, height]]).repeat(n, 1), torch.Generator().manual_seed(0))
+    ours = classifiers.random_resized_boxes(torch.tensor([[width, height]]).repeat(n, 1), torch.Generator().manual_seed(0))
     ref = get_params_boxes(width, height, n)
     x0, y0, w, h = ours.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
@@ -258,7 +259,7 @@ def test_boxes_follow_torchvision_get_params_over_the_whole_frame(width, height)
 @pytest.mark.parametrize("width, height", [(900, 300), (300, 900), (500, 297)])
 def test_boxes_of_a_panorama_are_torchvision_centre_fallback_exactly(width, height):
     """Wider than 5:3 (or taller than 3:5) no draw fits: get_params returns its clamped-ratio centre crop."""
-    ours = classify.random_resized_boxes(torch.tensor([[width, height]]).repeat(50, 1), torch.Generator().manual_seed(0))
+    ours = classifiers.random_resized_boxes(torch.tensor([[width, height]]).repeat(50, 1), torch.Generator().manual_seed(0))
     assert torch.equal(ours, get_params_boxes(width, height, 50))
 
 
@@ -269,22 +270,22 @@ def test_training_crops_reach_the_edges_of_a_wide_photo(tmp_path):
     photo[:, :5] = (255, 0, 0)
     Image.fromarray(photo).save(tmp_path / "wide.png")
     items = pd.DataFrame({"path": [str(tmp_path / "wide.png")] * 200, "label": LABELS[0]})
-    train = classify.load_set(items, LABELS, 36, torch.device("cpu"), whole=True)
-    test = classify.load_set(items.head(1), LABELS, 36, torch.device("cpu"))
+    train = classifiers.load_set(items, LABELS, 36, torch.device("cpu"), whole=True)
+    test = classifiers.load_set(items.head(1), LABELS, 36, torch.device("cpu"))
 
     def red(x: torch.Tensor) -> torch.Tensor:  # per image: any pixel clearly red after normalisation
         return ((x[:, 0] > 1.5) & (x[:, 1] < -1.5)).flatten(1).any(1)
 
-    assert not red(classify.normalise(test.images.float() / 255)).any()
-    seen = red(classify.augment(train.images, train.frames, 36, 32, torch.Generator().manual_seed(0)))
+    assert not red(classifiers.normalise(test.images.float() / 255)).any()
+    seen = red(classifiers.augment(train.images, train.frames, 36, 32, torch.Generator().manual_seed(0)))
     assert 0.05 < seen.float().mean() < 0.95
 
 
 def test_augment_draws_parameters_per_image_and_is_seeded():
     images = torch.randint(0, 255, (1, 3, 36, 36), dtype=torch.uint8).repeat(6, 1, 1, 1)
-    frames = classify.whole_canvas(images)
-    a = classify.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
-    b = classify.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
+    frames = classifiers.whole_canvas(images)
+    a = classifiers.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
+    b = classifiers.augment(images, frames, 36, 32, torch.Generator().manual_seed(3))
     assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
     assert len({tuple(x.flatten()[:50].tolist()) for x in a}) == 6
 
@@ -293,11 +294,11 @@ def test_augment_draws_parameters_per_image_and_is_seeded():
 
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the reference's order
 def test_lr_schedule_steps_at_the_start_like_the_reference_or_at_the_end():
-    start, end = classify.lr_schedule(1e-3, 30, "start"), classify.lr_schedule(1e-3, 30, "end")
+    start, end = classifiers.lr_schedule(1e-3, 30, "start"), classifiers.lr_schedule(1e-3, 30, "end")
     assert start == pytest.approx([1e-3] * 9 + [1e-4] * 10 + [1e-5] * 10 + [1e-6])
     assert end == pytest.approx([1e-3] * 10 + [1e-4] * 10 + [1e-5] * 10)
-    assert classify.lr_schedule(1e-3, 4, "start") == pytest.approx([1e-4, 1e-5, 1e-6, 1e-7])  # the demo's trap
-    assert classify.lr_schedule(1e-3, 4, "end") == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6])
+    assert classifiers.lr_schedule(1e-3, 4, "start") == pytest.approx([1e-4, 1e-5, 1e-6, 1e-7])  # the demo's trap
+    assert classifiers.lr_schedule(1e-3, 4, "end") == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6])
     for lr_step, epochs in (("start", 30), ("end", 30), ("start", 7)):  # torch's StepLR stepped the same way
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
@@ -309,14 +310,14 @@ def test_lr_schedule_steps_at_the_start_like_the_reference_or_at_the_end():
             optimizer.step()
             if lr_step == "end":
                 scheduler.step()
-        assert classify.lr_schedule(1e-3, epochs, lr_step) == pytest.approx(used)
+        assert classifiers.lr_schedule(1e-3, epochs, lr_step) == pytest.approx(used)
 
 
 def test_reference_rule_chooses_an_epoch_for_each_test_set(monkeypatch):
     """The ablation tests one classifier on flex_light and flex_dark: each test set gets the epoch
     of its own lowest loss after epoch 10, not the first set's, and that epoch's predictions."""
     losses = {"flex_light": [0.1] * 10 + [0.9, 0.5, 0.7, 0.8], "flex_dark": [0.1] * 10 + [0.9, 0.8, 0.6, 0.4]}
-    tests = {name: classify.ImageSet(torch.zeros(3, 3, 36, 36, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
+    tests = {name: classifiers.ImageSet(torch.zeros(3, 3, 36, 36, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
                                      None) for name in losses}
     epochs_seen = dict.fromkeys(losses, 0)
 
@@ -325,15 +326,15 @@ def test_reference_rule_chooses_an_epoch_for_each_test_set(monkeypatch):
         epochs_seen[name] += 1
         return losses[name][epochs_seen[name] - 1], torch.full((3,), epochs_seen[name])  # predictions name their epoch
 
-    monkeypatch.setattr(classify, "evaluate", scripted_evaluate)
-    monkeypatch.setattr(classify, "train_one_epoch", lambda *args: (0.0, 0.0))
-    curve, chosen, preds = classify.fit(torch.nn.Linear(1, 1), None, None, tests,
+    monkeypatch.setattr(classifiers, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(classifiers, "train_one_epoch", lambda *args: (0.0, 0.0))
+    curve, chosen, preds = classifiers.fit(torch.nn.Linear(1, 1), None, None, tests,
                                         small_cfg(selection="test_reference", epochs=14), seed=0)
     assert chosen == {"flex_light": 12, "flex_dark": 14}  # epochs 1-10 are lower still, but too early
     assert preds["flex_light"].tolist() == [12] * 3 and preds["flex_dark"].tolist() == [14] * 3
     assert [r["test_loss_flex_dark"] for r in curve] == losses["flex_dark"]
     assert [r["test_accuracy_pct_flex_dark"] for r in curve] == [0.0] * 14  # predictions name the epoch, targets 0
-    assert classify.live_values(curve[0]) == {"train/lr": curve[0]["lr"], "train/loss": 0.0,
+    assert classifiers.live_values(curve[0]) == {"train/lr": curve[0]["lr"], "train/loss": 0.0,
                                               "train/accuracy_pct": 0.0, "flex_light/loss": 0.1,
                                               "flex_light/accuracy_pct": 0.0, "flex_dark/loss": 0.1,
                                               "flex_dark/accuracy_pct": 0.0}
@@ -345,7 +346,7 @@ def test_score_against_hand_computed_values():
     labels = ["a", "b", "c", "d"]  # d never occurs: scikit-learn's zero_division=0 counts it as 0
     y_true = [0, 0, 0, 1, 1, 2]
     y_pred = [0, 0, 1, 1, 2, 2]
-    m = classify.score(y_true, y_pred, labels, fitzpatrick_scale=[5, 5, 6, 6, 6, 5])
+    m = scoring.score(y_true, y_pred, labels, fitzpatrick_scale=[5, 5, 6, 6, 6, 5])
     # a: p 2/2 r 2/3 f1 .8; b: p 1/2 r 1/2 f1 .5; c: p 1/2 r 1/1 f1 2/3; d: 0 0 0
     assert m["accuracy_pct"] == pytest.approx(100 * 4 / 6)
     assert m["precision_pct"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 4)
@@ -362,7 +363,7 @@ def test_score_against_hand_computed_values():
 def test_run_end_to_end_with_validation_selection(tmp_path):
     study = write_study(tmp_path)
     out = tmp_path / "metrics" / "resnet18_real_syn.json"
-    (record,) = classify.run(study["split_dir"], study["images_dir"], study["syn_dir"], {"test": out}, "resnet18",
+    (record,) = classifiers.run(study["split_dir"], study["images_dir"], study["syn_dir"], {"test": out}, "resnet18",
                              "real_syn", small_cfg(selection="val", val_fraction=0.25), seed=0,
                              live_dir=tmp_path / "live")
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
@@ -415,7 +416,7 @@ def test_one_training_run_scores_several_test_sets(tmp_path):
     test = pd.read_csv(study["split_dir"] / "test.csv")
     test.head(4).to_csv(study["split_dir"] / "flex_dark.csv", index=False)
     outputs = {"test": tmp_path / "m_test.json", "flex_dark": tmp_path / "m_flex_dark.json"}
-    first, second = classify.run(study["split_dir"], study["images_dir"], None, outputs, "resnet18", "real",
+    first, second = classifiers.run(study["split_dir"], study["images_dir"], None, outputs, "resnet18", "real",
                                  small_cfg(selection="test_reference", epochs=3), seed=0, live_dir=tmp_path / "live")
     assert (first["test_name"], second["test_name"]) == ("test", "flex_dark")
     assert (first["n_test"], second["n_test"]) == (len(test), 4)
@@ -426,7 +427,7 @@ def test_one_training_run_scores_several_test_sets(tmp_path):
         assert record["chosen_epoch"] == 1 + own.index(min(own))
     assert json.loads(outputs["flex_dark"].read_text())["n_test"] == 4
     for record, path in zip((first, second), outputs.values()):  # each test image's prediction, beside its metrics
-        predictions = pd.read_csv(classify.predictions_path(path), dtype={"md5hash": str})
+        predictions = pd.read_csv(scoring.predictions_path(path), dtype={"md5hash": str})
         assert list(predictions.columns) == ["md5hash", "fitzpatrick_scale", "label", "predicted"]
         assert len(predictions) == record["n_test"] and set(predictions.predicted) <= set(record["labels"])
         assert 100 * (predictions.label == predictions.predicted).mean() == pytest.approx(record["accuracy_pct"])
@@ -437,7 +438,7 @@ def test_records_the_scenario_its_split_was_written_for(tmp_path):
     study = write_study(tmp_path)
     (study["split_dir"] / "split.json").write_text(json.dumps({"scenario": 1, "seed": 0}))
     cfg = config.replace(small_cfg(), scenario=2)  # e.g. the ablation's scenario 1 split in a scenario 2 study
-    (record,) = classify.run(study["split_dir"], study["images_dir"], None, {"test": tmp_path / "m.json"},
+    (record,) = classifiers.run(study["split_dir"], study["images_dir"], None, {"test": tmp_path / "m.json"},
                              "resnet18", "real", cfg, seed=0)
     assert record["scenario"] == 1
 
@@ -447,7 +448,7 @@ def test_run_refuses_a_test_image_in_training(tmp_path):
     train = pd.read_csv(study["split_dir"] / "train.csv")
     train.head(3).to_csv(study["split_dir"] / "flex_light.csv", index=False)
     with pytest.raises(SkinaugError, match="in training"):
-        classify.run(study["split_dir"], study["images_dir"], None, {"flex_light": tmp_path / "m.json"},
+        classifiers.run(study["split_dir"], study["images_dir"], None, {"flex_light": tmp_path / "m.json"},
                      "resnet18", "real", small_cfg(), seed=0)
 
 
@@ -479,23 +480,23 @@ def test_interrupted_run_resumes_to_the_uninterrupted_metrics(tmp_path, selectio
     def outputs(name):
         return {"test": tmp_path / name / "m_test.json", "flex_dark": tmp_path / name / "m_flex_dark.json"}
 
-    whole = classify.run(*args, outputs("whole"), "resnet18", "real_syn", cfg, seed=0, live_dir=tmp_path / "whole_live")
+    whole = classifiers.run(*args, outputs("whole"), "resnet18", "real_syn", cfg, seed=0, live_dir=tmp_path / "whole_live")
     with pytest.raises(_Stop):
-        classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=_stop_after(2),
+        classifiers.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=_stop_after(2),
                      live_dir=tmp_path / "resumed_live")
     work = tmp_path / "resumed" / ".m_test.json.partial"
     assert (work / "checkpoint.pt").is_file()
     assert not any(path.exists() for path in outputs("resumed").values())
     epochs = []
-    resumed = classify.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=epochs.append,
+    resumed = classifiers.run(*args, outputs("resumed"), "resnet18", "real_syn", cfg, seed=0, on_epoch=epochs.append,
                            live_dir=tmp_path / "resumed_live")
     assert epochs == [3]
     assert resumed == whole
     assert live_bytes(tmp_path / "resumed_live") == live_bytes(tmp_path / "whole_live")  # the curve too
     for name, path in outputs("resumed").items():
         assert path.read_text() == outputs("whole")[name].read_text()
-        predictions = classify.predictions_path(path)
-        assert predictions.read_text() == classify.predictions_path(outputs("whole")[name]).read_text()
+        predictions = scoring.predictions_path(path)
+        assert predictions.read_text() == scoring.predictions_path(outputs("whole")[name]).read_text()
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [
         "m_flex_dark.json", "m_flex_dark.predictions.csv", "m_test.json", "m_test.predictions.csv"]
 
@@ -506,13 +507,13 @@ def test_a_curve_row_logged_after_the_checkpoint_is_not_written_twice(tmp_path):
     study = write_study(tmp_path)
     args = (study["split_dir"], study["images_dir"], None)
     cfg = small_cfg(epochs=3)
-    classify.run(*args, {"test": tmp_path / "whole.json"}, "resnet18", "real", cfg, seed=0, live_dir=tmp_path / "a")
+    classifiers.run(*args, {"test": tmp_path / "whole.json"}, "resnet18", "real", cfg, seed=0, live_dir=tmp_path / "a")
     with pytest.raises(_Stop):
-        classify.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0,
+        classifiers.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0,
                      on_epoch=_stop_after(3), live_dir=tmp_path / "b")
     assert read_live(tmp_path / "b")["train/loss"].step.tolist() == [1, 2, 3]  # the killed run's last row
     epochs = []
-    classify.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0, on_epoch=epochs.append,
+    classifiers.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0, on_epoch=epochs.append,
                  live_dir=tmp_path / "b")
     assert epochs == [3]
     assert read_live(tmp_path / "b")["train/loss"].step.tolist() == [1, 2, 3]
@@ -523,10 +524,10 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     study = write_study(tmp_path)
     out = {"test": tmp_path / "m.json"}
     with pytest.raises(_Stop):
-        classify.run(study["split_dir"], study["images_dir"], None, out, "resnet18", "real", small_cfg(epochs=3),
+        classifiers.run(study["split_dir"], study["images_dir"], None, out, "resnet18", "real", small_cfg(epochs=3),
                      seed=0, on_epoch=_stop_after(2))
     epochs = []
-    classify.run(study["split_dir"], study["images_dir"], None, out, "resnet18", "real", small_cfg(epochs=3, lr=1e-2),
+    classifiers.run(study["split_dir"], study["images_dir"], None, out, "resnet18", "real", small_cfg(epochs=3, lr=1e-2),
                  seed=0, on_epoch=epochs.append)
     assert epochs == [1, 2, 3]
     assert not (tmp_path / ".m.json.partial").exists()
@@ -542,7 +543,7 @@ def test_two_runs_on_one_output_take_turns_and_write_what_one_writes(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     out = tmp_path / "metrics" / "m.json"
-    (single,) = classify.run(study["split_dir"], study["images_dir"], study["syn_dir"], {"test": tmp_path / "one.json"},
+    (single,) = classifiers.run(study["split_dir"], study["images_dir"], study["syn_dir"], {"test": tmp_path / "one.json"},
                              "resnet18", "real_syn", cfg, seed=0)
     cmd = [str(Path(sys.executable).parent / "skinaug"), "--params", str(params), "classify", str(study["split_dir"]),
            str(study["images_dir"]), str(out), "--syn-dir", str(study["syn_dir"]), "--arch", "resnet18",

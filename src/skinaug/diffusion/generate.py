@@ -1,7 +1,7 @@
 """Synthetic images (SPEC §4, §6): img2img from every training image, resumable, one manifest.
 
-    skinaug generate data/splits/scenario1/seed0 data/images models/base data/syn/scenario1/seed0 \\
-        --ti-dir models/ti/scenario1/seed0 --lora-dir models/lora/scenario1/seed0 --seed 0
+    skinaug generate data/splits/scenario1/seed0 data/images models/base data/synthetic/scenario1/seed0 \\
+        --ti-dir models/scenario1/seed0/ti --lora-dir models/scenario1/seed0/lora --seed 0
     dvc exp run -S launch.processes=4    # the same run on 4 GPUs: the stage relaunches under accelerate (launch.py)
 
 The plan (one row per synthetic image: source, target skin type, prompt, seed) is a pure
@@ -15,6 +15,9 @@ from its usual batch: a resumed run's images are an uninterrupted run's, on a GP
 only the missing ones, and process 0 writes manifest.csv last, after checking every planned file
 exists. A second run on the same out_dir (another `dvc exp` worker) waits for the first
 (atomic.locked), so neither deletes the other's files.
+
+One module, over 300 lines, for one idea: a resumable, deterministic run of one plan; the strategies
+are rows of diffusion/strategies.py, the adapters' files diffusion/adapters.py's.
 """
 from __future__ import annotations
 
@@ -23,37 +26,21 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, config, data, diffusion, prompts
+from skinaug import SkinaugError, atomic, first_line, hashing, prompts
 from skinaug.config import Config
-
-
-class Strategy(NamedTuple):
-    img2img: bool  # start from the training image (else txt2img)
-    ti: bool  # prompts name the learned tokens (else the plain condition name)
-    lora: bool  # the UNet carries the fine-tuned LoRA
-
-
-STRATEGIES = {
-    "img2img_ti_lora": Strategy(True, True, True),  # the method
-    "img2img_ti": Strategy(True, True, False),
-    "img2img_lora": Strategy(True, False, True),  # a LoRA trained on plain condition names
-    "img2img_vanilla": Strategy(True, False, False),
-    "txt2img_ti": Strategy(False, True, False),
-    "txt2img_vanilla": Strategy(False, False, False),
-}
-assert set(STRATEGIES) == set(config.STRATEGIES), "config.STRATEGIES names the allowed strategies"
+from skinaug.data import trainset
+from skinaug.diffusion import adapters, sd21
+from skinaug.diffusion.strategies import STRATEGIES, Strategy
 
 PLAN_COLUMNS = ["file", "source_md5hash", "label", "fitzpatrick_scale", "source_fitzpatrick_scale", "prompt",
                 "seed", "strength", "guidance", "steps", "strategy"]
 MANIFEST_COLUMNS = PLAN_COLUMNS + ["base", "base_revision", "ti_sha256", "lora_sha256"]
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; per_label mode: one folder per token name
 STATE_FILE = ".plan.json"  # fingerprint of the run the images in out_dir/images belong to
 CPU_BATCH = 8  # batch_size 0 on CPU: larger batches buy nothing there
 MAX_BATCH = 64  # cap of the automatic GPU batch size
@@ -134,25 +121,25 @@ def generate(train_csv: Path, images_dir: Path, base_dir: Path, out_dir: Path, c
         if needed and not given:
             raise SkinaugError(f"strategy {strategy} needs {option}")
     plan = make_plan(train_csv, cfg, seed, strategy, sources_per_label)
-    tokens = _token_files(Path(ti_dir), plan, base_dir) if s.ti else {}
+    tokens = tokens_for(plan, Path(ti_dir), base_dir) if s.ti else {}
     if s.lora:
         lora_dir = choose_lora(lora_dir if isinstance(lora_dir, list) else [lora_dir], strategy)
-    loras = _lora_files(Path(lora_dir), cfg.lora.mode, plan, base_dir) if s.lora else {}
+    loras = loras_for(plan, Path(lora_dir), cfg.lora.mode, base_dir) if s.lora else {}
     if s.img2img:
         _check_sources(plan, Path(images_dir))
-    device = diffusion.pick_device(cfg.model.device)
+    device = sd21.pick_device(cfg.model.device)
     if state is None:
         from accelerate import PartialState
 
         state = PartialState(cpu=device.type == "cpu")  # cpu: gloo between CPU processes under a launcher
     if device.type == "cuda" and state.num_processes > 1:
         device = torch.device("cuda", state.local_process_index)
-    dtype = diffusion.weight_dtype(cfg.model, device)
+    dtype = sd21.weight_dtype(cfg.model, device)
     pipe = load_pipeline(base_dir, s, tokens, loras, cfg, device, dtype)
-    info = diffusion.base_info(base_dir)
+    info = sd21.base_info(base_dir)
     manifest = plan.assign(base=info["base"], base_revision=info["revision"],
-                           ti_sha256=_sha256(list(tokens.values()), ti_dir),
-                           lora_sha256=_sha256(list(loras.values()), lora_dir))
+                           ti_sha256=hashing.files_digest(list(tokens.values()), ti_dir),
+                           lora_sha256=hashing.files_digest(list(loras.values()), lora_dir))
 
     out_dir = Path(out_dir)
     fingerprint = {"manifest": hashlib.sha256(manifest.to_csv(index=False).encode()).hexdigest(),
@@ -190,7 +177,7 @@ def load_pipeline(base_dir: Path, s: Strategy, tokens: dict[str, Path], loras: d
     """The base model's img2img (or txt2img) pipeline with its own scheduler and the adapters loaded."""
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-    c = diffusion.load_components(base_dir, device, dtype)
+    c = sd21.load_components(base_dir, device, dtype)
     cls = StableDiffusionImg2ImgPipeline if s.img2img else StableDiffusionPipeline
     pipe = cls.from_pretrained(  # reads only the scheduler: the base model's own (PNDM for SD 2.1 base)
         base_dir, tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae, unet=c.unet,
@@ -205,8 +192,8 @@ def load_pipeline(base_dir: Path, s: Strategy, tokens: dict[str, Path], loras: d
         for name, file in loras.items():
             where = str(file)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # past the checks of _token_files, _lora_files
-        raise SkinaugError(f"cannot load adapters from {where}: {diffusion.first_line(e)}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # past the checks of tokens_for, loras_for
+        raise SkinaugError(f"cannot load adapters from {where}: {first_line(e)}") from None
     if cfg.model.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -234,7 +221,7 @@ def _run(pipe, s: Strategy, todo: list[list[dict]], images_dir: Path | None, out
     with tqdm(total=sum(map(len, missing)), unit="img", desc="generate", disable=not show) as bar:
         for rows, paths in zip(todo, missing):
             if per_label:
-                pipe.set_adapters([_adapter_name(rows[0]["label"])])
+                pipe.set_adapters([adapters.name(rows[0]["label"])])
             for row, image in zip(rows, synthesize(pipe, s, rows, images_dir, cfg), strict=True):
                 if out_dir / row["file"] in paths:  # the others were kept from an interrupted run
                     _save_png(out_dir / row["file"], image, cfg.generate.out_size)
@@ -251,7 +238,7 @@ def synthesize(pipe, s: Strategy, rows: list[dict], images_dir: Path | None, cfg
         "num_inference_steps": g.steps, "guidance_scale": g.guidance, "output_type": "pil",
     }
     if s.img2img:
-        sources = {h: _source(images_dir / f"{h}.jpg", res) for h in dict.fromkeys(r["source_md5hash"] for r in rows)}
+        sources = {h: trainset.open_image(images_dir / f"{h}.jpg", res) for h in dict.fromkeys(r["source_md5hash"] for r in rows)}
         kwargs.update(image=[sources[r["source_md5hash"]] for r in rows], strength=g.strength)
     else:
         kwargs.update(height=res, width=res)
@@ -262,13 +249,7 @@ def synthesize(pipe, s: Strategy, rows: list[dict], images_dir: Path | None, cfg
 
 
 def _read_train(train_csv: Path) -> pd.DataFrame:
-    try:
-        train = data.read_table(train_csv)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise SkinaugError(f"cannot read {train_csv}: {e}") from None
-    absent = [c for c in ("md5hash", "label", "fitzpatrick_scale") if c not in train.columns]
-    if absent:
-        raise SkinaugError(f"{train_csv} lacks column(s) {', '.join(absent)}")
+    train = trainset.read(train_csv)
     if train.empty:
         raise SkinaugError(f"{train_csv} has no rows")
     if train.md5hash.duplicated().any():
@@ -288,45 +269,17 @@ def _check_sources(plan: pd.DataFrame, images_dir: Path) -> None:
     if absent:
         raise SkinaugError(f"{len(absent)} of {len(paths)} training images missing, first {absent[0]}")
     for path in paths:
-        _source(path, None)
+        trainset.open_image(path)
 
 
-def _source(path: Path, resolution: int | None) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for damaged files
-        raise SkinaugError(f"cannot read training image {path}: {type(e).__name__}: {e}") from None
-    # bilinear to the model's square, as the authors' inference notebook resizes its sources
-    return rgb if resolution is None else rgb.resize((resolution, resolution), Image.Resampling.BILINEAR)
-
-
-def _adapter_name(label: str) -> str:
-    return prompts.token(label).strip("<>")
-
-
-def _token_files(ti_dir: Path, plan: pd.DataFrame, base_dir: Path) -> dict[str, Path]:
-    """token -> its file, for the labels in the plan (a file holds {token: vector}, else is named after it);
-    every file in ti_dir must fit the base (diffusion.check_token_files)."""
-    paths = sorted(ti_dir.glob("*.safetensors"))
-    names = diffusion.check_token_files(base_dir, paths)
-    found = {name if name.startswith("<") else f"<{path.stem}>": path for name, path in zip(names, paths)}
+def tokens_for(plan: pd.DataFrame, ti_dir: Path, base_dir: Path) -> dict[str, Path]:
+    """token -> its file, for the labels in the plan; every file in ti_dir must fit the base (adapters.tokens_in)."""
+    found = adapters.tokens_in(ti_dir, base_dir)
     needed = sorted({prompts.token(label) for label in plan.label})
     absent = [t for t in needed if t not in found]
     if absent:
         raise SkinaugError(f"{ti_dir} has no token file for {', '.join(absent)}")
     return {t: found[t] for t in needed}
-
-
-def lora_trained_with_tokens(lora_dir: Path) -> bool | None:
-    """Whether the LoRA in lora_dir was trained on prompts naming the learned tokens (its lora.json
-    says so); None when it has no lora.json (a LoRA made elsewhere)."""
-    try:
-        return bool(json.loads((Path(lora_dir) / "lora.json").read_text())["tokens"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SkinaugError(f"cannot read {Path(lora_dir) / 'lora.json'}: {e}") from None
 
 
 def choose_lora(lora_dirs: list[Path], strategy: str) -> Path:
@@ -335,7 +288,7 @@ def choose_lora(lora_dirs: list[Path], strategy: str) -> Path:
 
     A folder without lora.json is taken on trust when it is the only one given."""
     wanted = strategy_of(strategy).ti
-    made = {Path(d): lora_trained_with_tokens(d) for d in lora_dirs}
+    made = {Path(d): adapters.trained_with_tokens(d) for d in lora_dirs}
     matching = [d for d, tokens in made.items() if tokens == wanted or (tokens is None and len(made) == 1)]
     if len(matching) != 1:
         how = "with the learned tokens (--ti-dir)" if wanted else "on plain condition names (no --ti-dir)"
@@ -344,27 +297,16 @@ def choose_lora(lora_dirs: list[Path], strategy: str) -> Path:
     return matching[0]
 
 
-def _lora_files(lora_dir: Path, mode: str, plan: pd.DataFrame, base_dir: Path) -> dict[str, Path]:
-    """adapter name -> weights file: 'joint', or one per label (folder = token name) in per_label mode;
-    each must fit the base's UNet (diffusion.check_lora_files)."""
-    if mode == "joint":
-        files = {"joint": lora_dir / LORA_FILE}
-    else:
-        files = {_adapter_name(label): lora_dir / _adapter_name(label) / LORA_FILE for label in sorted(set(plan.label))}
+def loras_for(plan: pd.DataFrame, lora_dir: Path, mode: str, base_dir: Path) -> dict[str, Path]:
+    """adapter name -> weights file: adapters.JOINT, or one per label of the plan in per_label mode;
+    each must fit the base's UNet (adapters.check_lora_files)."""
+    names = [adapters.JOINT] if mode == "joint" else [adapters.name(label) for label in sorted(set(plan.label))]
+    files = {n: adapters.lora_file(lora_dir, n) for n in names}
     absent = [f for f in files.values() if not f.is_file()]
     if absent:
         raise SkinaugError(f"LoRA weights not found: {absent[0]} (lora.mode is {mode})")
-    diffusion.check_lora_files(base_dir, list(files.values()))
+    adapters.check_lora_files(base_dir, list(files.values()))
     return files
-
-
-def _sha256(files: list[Path], root: Path | None) -> str:
-    """sha256 of the one adapter file, or of a `sha256sum`-style listing (paths from root) of several; '' for none."""
-    digests = [(hashlib.sha256(f.read_bytes()).hexdigest(), f.relative_to(root).as_posix()) for f in sorted(files)]
-    if len(digests) <= 1:
-        return digests[0][0] if digests else ""
-    listing = "".join(f"{d}  {name}\n" for d, name in digests)
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 # --- outputs ---------------------------------------------------------------------------------

@@ -10,11 +10,15 @@ folder so it loads through exactly the code path of the real model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from skinaug import prompts
+from skinaug.demo import world
+from skinaug.diffusion import training
+from skinaug.diffusion.sd21 import SD21_BASE_SCHEDULER
 
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 PRETRAINED_PREDICTION = "v_prediction"  # the pretrained demo base (see `pretrain`); `build` keeps epsilon
@@ -58,8 +62,6 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     """
     from tqdm import tqdm
 
-    from skinaug import diffusion, world
-
     out_dir = Path(out_dir)
     pixels, _, captions = world.web_corpus(corpus_size, seed, resolution)
     words = {w for c in captions for w in c.lower().replace("-", " - ").split()}
@@ -89,7 +91,7 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
         index = torch.randint(0, len(images), (batch_size,), generator=generator)
         latents = moments[index] * vae.config.scaling_factor
         batch_ids = torch.where(torch.rand(batch_size, 1, generator=generator) < 0.1, empty, ids[index])
-        loss = diffusion.denoising_loss(unet, noise_scheduler, latents, text_encoder(batch_ids)[0], generator,
+        loss = training.denoising_loss(unet, noise_scheduler, latents, text_encoder(batch_ids)[0], generator,
                                         noise_offset=NOISE_OFFSET)
         optimizer.zero_grad()
         loss.backward()
@@ -110,8 +112,6 @@ def shifted_betas(latent_size: int) -> list[float]:
     Saved as the scheduler's `trained_betas`, so every stage reads it from the base folder.
     """
     from diffusers import DDPMScheduler
-
-    from skinaug.diffusion import SD21_BASE_SCHEDULER
 
     alphas_cumprod = DDPMScheduler.from_config(SD21_BASE_SCHEDULER).alphas_cumprod.double()
     snr = alphas_cumprod / (1 - alphas_cumprod) * (SD_LATENT_SIZE / latent_size) ** 2
@@ -174,13 +174,11 @@ def _save(out_dir: Path, unet, vae, text_encoder, tokenizer, prediction_type: st
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    _remove_tree(out_dir / "_tokenizer_src")
+    shutil.rmtree(out_dir / "_tokenizer_src", ignore_errors=True)
 
 
 def _training_noise(prediction_type: str, betas: list[float] | None = None):
     from diffusers import DDPMScheduler
-
-    from skinaug.diffusion import SD21_BASE_SCHEDULER
 
     return DDPMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type, trained_betas=betas)
 
@@ -223,8 +221,6 @@ def _models(vocab_size: int, resolution: int):
 
 def _scheduler(prediction_type: str, betas: list[float] | None = None):
     from diffusers import PNDMScheduler
-
-    from skinaug.diffusion import SD21_BASE_SCHEDULER
 
     return PNDMScheduler.from_config(SD21_BASE_SCHEDULER, prediction_type=prediction_type, trained_betas=betas)
 
@@ -277,9 +273,3 @@ def _merge(word: list[str], pair: tuple[str, str]) -> list[str]:
             out.append(word[i])
             i += 1
     return out
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

@@ -23,12 +23,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from skinaug import SkinaugError, atomic
-from skinaug.report import ARCH_NAMES, COLOURS, TRAIN_NAMES
+from skinaug.report.figures import COLOURS
+from skinaug.report.names import ARCH_NAMES, TRAIN_NAMES
 
 SWEEPABLE = ("generate.strength", "generate.guidance", "generate.per_source", "generate.max_per_label")
 QUALITY_KEY = "lesion_kept_pct"  # a quality stage's metric, reported when an experiment has it
