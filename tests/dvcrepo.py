@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,20 @@ def make_repo(base: Path) -> Repo:
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-q", "-m", "skinaug")
     return repo
+
+
+def start_two_waiting(cmd: list[str], env: dict, out: Path, logs: list[Path]) -> list[subprocess.Popen]:
+    """Start `cmd` twice (output to logs[0], logs[1]) while this process holds `out`'s lock, and return
+    once both say they are waiting for it: the two runs then take turns on one output."""
+    from skinaug import atomic
+
+    with atomic.locked(out):  # both reach the lock before either may write
+        runs = []
+        for log in logs:
+            with open(log, "w") as f:
+                runs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + 120
+        while not all("waiting for another process" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(r.poll() is None for r in runs), [l.read_text() for l in logs]
+            time.sleep(0.1)
+    return runs

@@ -9,9 +9,7 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 import urllib.error
 from pathlib import Path
 
@@ -25,7 +23,8 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, config
+from dvcrepo import start_two_waiting
+from skinaug import SkinaugError, config
 from skinaug.classify import classifiers, scoring
 from skinaug.cli import main
 
@@ -551,15 +550,7 @@ def test_two_runs_on_one_output_take_turns_and_write_what_one_writes(tmp_path):
     # Same thread count as the run above: CPU kernels sum in another order with other counts.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TORCH_HOME": str(tmp_path / "torch")}
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
-    with atomic.locked(out):  # both reach the lock before either may write
-        runs = []
-        for log in logs:
-            with open(log, "w") as f:
-                runs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + 120
-        while not all("waiting for another process" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline and all(r.poll() is None for r in runs), [l.read_text() for l in logs]
-            time.sleep(0.1)
+    runs = start_two_waiting(cmd, env, out, logs)
     for run, log in zip(runs, logs):
         assert run.wait(timeout=300) == 0, log.read_text()
     assert json.loads(out.read_text()) == single

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch
 import yaml
 from PIL import Image
 
-from skinaug import SkinaugError, atomic, config, prompts
+from dvcrepo import start_two_waiting
+from skinaug import SkinaugError, config, prompts
 from skinaug.data import trainset
 from skinaug.diffusion import adapters as A
 from skinaug.diffusion import generate as G
@@ -368,15 +368,7 @@ def test_two_runs_on_one_output_take_turns(ref, tmp_path, world, tiny_base, adap
     # Same thread count as the reference run: CPU kernels sum in another order with other counts.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
-    with atomic.locked(out):  # both reach the lock before either may write
-        runs = []
-        for log in logs:
-            with open(log, "w") as f:
-                runs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + 120
-        while not all("waiting for another process" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline and all(r.poll() is None for r in runs), [l.read_text() for l in logs]
-            time.sleep(0.1)
+    runs = start_two_waiting(cmd, env, out, logs)
     for proc, log in zip(runs, logs):
         assert proc.wait(timeout=300) == 0, log.read_text()
     said = sorted(re.search(r"generate: 8 images \((\d) new\)", log.read_text()).group(1) for log in logs)
