@@ -410,6 +410,23 @@ def test_cli_runs_the_reference_rule_and_labels_it(tmp_path):
     assert out.read_bytes() == first and live_bytes(tmp_path / "live") == first_live
 
 
+def test_cli_epochs_override_classify_epochs_and_zero_keeps_them(tmp_path):
+    """The ablation passes --epochs ${ablation.epochs}: its classifiers may train longer than the study's."""
+    study = write_study(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(dataclasses.asdict(small_cfg(epochs=1))))
+    for epochs, expected in ((3, 3), (0, 1)):
+        out = tmp_path / f"m{epochs}.json"
+        args = ["--params", str(params), "classify", str(study["split_dir"]), str(study["images_dir"]), str(out),
+                "--syn-dir", str(study["syn_dir"]), "--arch", "resnet18", "--train-type", "syn", "--seed", "1",
+                "--epochs", str(epochs), "--live-dir", str(tmp_path / f"live{epochs}")]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        record = json.loads(out.read_text())
+        assert record["epochs"] == record["chosen_epoch"] == expected
+        assert read_live(tmp_path / f"live{epochs}")["train/loss"].step.tolist() == list(range(1, expected + 1))
+
+
 def test_one_training_run_scores_several_test_sets(tmp_path):
     study = write_study(tmp_path)
     test = pd.read_csv(study["split_dir"] / "test.csv")

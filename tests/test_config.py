@@ -178,6 +178,7 @@ LABEL = "psoriasis"
     ({"report.bootstrap_seed": -1}, "report.bootstrap_seed", "an integer >= 0"),
     ({"generate.strength": 0.05}, "generate.strength", "at least 1 / generate.steps (1/10)"),
     ({"generate.max_per_label": -1}, "generate.max_per_label", "an integer >= 0"),
+    ({"ablation.epochs": -1}, "ablation.epochs", "an integer >= 0"),
     ({"textual_inversion.log_every": 0}, "textual_inversion.log_every", "an integer >= 1"),
     ({"lora.log_every": 0}, "lora.log_every", "an integer >= 1"),
 ])
@@ -206,6 +207,7 @@ def test_the_headline_message(raw):
     ("lora.checkpoint_every", 0),
     ("textual_inversion.tokens_per_pass", 0),  # all
     ("ablation.sources_per_label", 0),  # all
+    ("ablation.epochs", 0),  # classify.epochs
     ("generate.max_per_label", 0),  # no cap
     ("textual_inversion.log_every", 1),  # every update
     ("model.tiny_vae_steps", 0),  # random weights

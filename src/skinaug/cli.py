@@ -8,6 +8,7 @@ function (no path layout, no logic).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -217,16 +218,20 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
               help="Split CSV(s) to test on (test, flex_light, flex_dark); with several, OUT_JSON holds {test}.")
 @click.option("--keep", type=ExistingPath, default=None,
               help="The select stage's kept.csv: train only on the synthetic images it lists.")
+@click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Training epochs; 0: classify.epochs (the ablation passes ablation.epochs).")
 @_seed_option
 @_live_option
 @click.pass_context
 def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Path | None,
-             arch: str, train_type: str, test_names: tuple[str, ...], keep: Path | None, seed: int,
+             arch: str, train_type: str, test_names: tuple[str, ...], keep: Path | None, epochs: int, seed: int,
              live_dir: Path | None) -> None:
     """Train one classifier and write its metrics (JSON) on each test set."""
     from skinaug.classify import classifiers as classify_mod
 
     cfg = _cfg(ctx)
+    if epochs:
+        cfg = dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, epochs=epochs))
     if len(test_names) > 1 and "{test}" not in str(out_json):
         raise click.UsageError("several --test sets need a {test} placeholder in OUT_JSON")
     outputs = {name: Path(str(out_json).replace("{test}", name)) for name in test_names}

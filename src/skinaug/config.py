@@ -172,6 +172,7 @@ class AblationConfig:
     arch: str  # classifier trained on each strategy's synthetic images
     seeds: list[int]  # one scenario 1 split, adapters and classifier per seed; Table 5 is their mean ± std
     sources_per_label: int  # training images per label the ablation generates from; 0 = all
+    epochs: int  # each strategy's classifier trains this many epochs; 0 = classify.epochs (the paper)
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,7 @@ RULES: dict[str, Rule] = {
     "ablation.arch": _one_of(ARCHS),
     "ablation.seeds": _each(_SEED),
     "ablation.sources_per_label": _int(0),
+    "ablation.epochs": _int(0),
     "quality.features": _one_of(FEATURES),
     "quality.arch": _one_of(ARCHS),
     "quality.dinov2": _TEXT,

@@ -7,6 +7,9 @@ image's predicted label ({stem}.predictions.csv, for the report's bootstrap inte
         --syn-dir data/synthetic/scenario1/seed0 --keep data/selected/scenario1/seed0/kept.csv \
         --arch vgg16 --train-type real_syn --seed 0 \
         --live-dir dvclive/scenario1/seed0/vgg16_real_syn
+    skinaug classify data/splits/ablation/seed0 data/images metrics/ablation/seed0/img2img_ti_lora_{test}.json \
+        --syn-dir data/synthetic/ablation/seed0/img2img_ti_lora --arch vgg16 --train-type syn \
+        --test flex_light --test flex_dark --epochs 0 --seed 0
     skinaug reference data/splits/scenario1/seed0 data/images models/scenario1/seed0/reference.pt --seed 0
 
 The reference recipe: a torchvision backbone (frozen) with a small head, log-softmax + NLL,
