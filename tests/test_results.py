@@ -234,6 +234,7 @@ def test_ablation_from_its_own_folder_beside_another_scenario(study, tmp_path):
     assert head["scenario"] == 2
     text = (tmp_path / "out" / "results.md").read_text()
     assert "## Ablation (Table 5): scenario 1" in text and "## Scenario 2" in text
+    assert "trained on synthetic images only for 1 epoch, seeds" in text  # the ablation's own budget
     assert len(pd.read_csv(tmp_path / "out" / "ablation.csv")) == len(paper.ABLATION)
 
 

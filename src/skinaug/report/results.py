@@ -167,7 +167,7 @@ def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0
     over seeds (the light − dark gap taken per seed first), paper beside; 95 % intervals over the
     test images of the light, dark and gap means; the worst group (lowest accuracy among the skin
     types of both sets, per seed, then mean)."""
-    columns = ["selection", "strategy", "scenario", "n_test", "arch", "n_seeds", "seeds"]
+    columns = ["selection", "strategy", "scenario", "n_test", "arch", "epochs", "n_seeds", "seeds"]
     columns += [f"{m}_{stat}" for m in ("accuracy_pct_light", "accuracy_pct_dark", "gap_light_minus_dark")
                 for stat in ("mean", "std")]
     columns += ["paper_accuracy_pct_light", "paper_accuracy_pct_dark"]
@@ -182,6 +182,7 @@ def ablation_table(ablation: pd.DataFrame, resamples: int = 10000, seed: int = 0
         sizes = g.groupby("test_name").record.first().map(lambda r: r["n_test"])
         row = {"selection": selection, "strategy": strategy, "scenario": g.scenario.iloc[0],
                "n_test": " / ".join(f"{k} {v}" for k, v in sizes.items()), "arch": g.arch.iloc[0],
+               "epochs": g.record.iloc[0]["epochs"],
                "n_seeds": len(per_seed), "seeds": " ".join(map(str, sorted(per_seed.index))),
                "paper_accuracy_pct_light": reported[0], "paper_accuracy_pct_dark": reported[1]}
         for name, values in (("accuracy_pct_light", light), ("accuracy_pct_dark", dark),
@@ -379,7 +380,7 @@ def _ablation_section(table: pd.DataFrame) -> str:
     chosen = (" The reference rule chose the epoch on each test set separately." if first.selection == "test_reference"
               else "")
     return (f"## Ablation (Table 5): scenario {first.scenario}, {ARCH_NAMES.get(first.arch, first.arch)} "
-            f"trained on synthetic images only, seeds {', '.join(seeds)}{warning}\n\n"
+            f"trained on synthetic images only for {first.epochs} epoch{'s' if first.epochs != 1 else ''}, seeds {', '.join(seeds)}{warning}\n\n"
             f"Accuracy on the light and the dark flexible sets ({first.n_test}), mean ± sample std over seeds "
             f"(the gap per seed first); the gap's 95 % interval draws each set's images with replacement; worst "
             f"group: the lowest accuracy among the skin types of both sets, per seed. Model selection: "
