@@ -36,6 +36,7 @@ OVERRIDES = [
     "generate.steps=2", "generate.batch_size=8",  # small batches: an interrupted run stops between them
     "classify.epochs=1",
     "ablation.seeds=[0]", "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
+    "ablation.epochs=2",  # the ablation's own budget (--epochs), not classify.epochs
 ]
 OUTPUT_DIRS = ("data", "models", "metrics", "reports", "dvclive")
 

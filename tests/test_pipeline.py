@@ -3,7 +3,8 @@
 One module-scoped fixture copies the repository's tracked files (as they are in the working tree)
 into a throwaway git + DVC repository and runs the real `dvc.yaml` twice with `dvc exp run`:
 scenario 1, then scenario 2, shrunk by -S overrides to seconds per stage (two labels, one seed,
-a random tiny base, 2 training and sampling steps, one epoch, two ablation strategies). The tests
+a random tiny base, 2 training and sampling steps, one epoch (the ablation's classifiers two),
+three ablation strategies). The tests
 then check, in this order, on that workspace (scenario 2 applied):
 
 - `dvc exp show --json` has one experiment per scenario, with its params and its metrics filled;
@@ -94,6 +95,7 @@ def test_ablation_is_scenario_1_whatever_the_study_runs(pipeline):
         for test_name in ("flex_light", "flex_dark"):
             record = json.loads((repo.path / f"metrics/ablation/seed0/{strategy}_{test_name}.json").read_text())
             assert record["scenario"] == 1 and record["n_test"] == 8 * len(LABELS)  # splits.per_label
+            assert record["epochs"] == 2  # ablation.epochs (dvcrepo.OVERRIDES), not classify.epochs (1)
     results = (repo.path / "reports/results.md").read_text()
     assert "## Scenario 2" in results and "## Ablation (Table 5): scenario 1" in results
 
@@ -132,6 +134,7 @@ def _stage_names(repo: Repo) -> set[str]:
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("classify.epochs", 2, {"classify_real@0-resnet18", "classify@0-resnet18-syn", "classify@0-resnet18-real_syn",
                             "reference@0", "ablation_reference@0", *(f"ablation_classify@0-{s}" for s in STRATEGIES)}),
+    ("ablation.epochs", 3, {f"ablation_classify@0-{s}" for s in STRATEGIES}),
     ("quality.nearest_k", 3, {"quality@0", *(f"ablation_quality@0-{s}" for s in STRATEGIES)}),
     ("select.best_n", 2, {"select@0"}),
     ("generate.guidance", 3.0, {"generate@0", *(f"ablation_generate@0-{s}" for s in STRATEGIES)}),
