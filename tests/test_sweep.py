@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,14 @@ def test_a_quality_metric_adds_a_column_and_a_panel(shown, tmp_path):
     assert "lesion kept %" in (tmp_path / "sweep.md").read_text()
     with Image.open(tmp_path / "sweep.png") as im:
         assert im.size[0] > 3 * im.size[1] * 0.9
+
+
+def test_lesion_kept_is_the_mean_over_the_seeds_quality_files():
+    metrics = {"reports/quality/scenario1/metrics_seed0.json": {"lesion_kept_pct": 20.0, "fd": 3.0},
+               "reports/quality/scenario1/metrics_seed42.json": {"lesion_kept_pct": 10.0},
+               "reports/metrics.json": {"scenario1": {"real_syn": {"accuracy_pct": 55.0}}}}
+    assert sweep.quality(metrics) == 15.0
+    assert math.isnan(sweep.quality({"reports/metrics.json": {"accuracy_pct": 55.0}}))
 
 
 def test_dark_accuracy_pools_the_dark_types_by_their_counts():

@@ -11,8 +11,9 @@ report gives each classifier's accuracy on the dark-skin test images (splits.dar
 and sample std over seeds with every seed's value, the tone shift (median ITA of the synthetic
 images made from light sources minus that of the real light images, in degrees: negative is
 darker; report.seed's images only, so no spread) and the share of those synthetic images whose
-ITA lies in their target type's band. A metric named lesion_kept_pct in any metrics file of
-the experiment (a quality stage's) is added as a column and a panel when present.
+ITA lies in their target type's band. A metric named lesion_kept_pct in the experiment's
+metrics files (the quality stage's, one per seed) is added, as their mean over seeds, as a column
+and a panel when present.
 """
 from __future__ import annotations
 
@@ -117,12 +118,11 @@ def tone_shift(tone: pd.DataFrame) -> tuple[float, float]:
 
 
 def quality(metrics: dict) -> float:
-    """The experiment's QUALITY_KEY, wherever its metrics files hold it (NaN when none does)."""
-    for data in metrics.values():
-        for key, value in flatten(data).items():
-            if key.split(".")[-1] == QUALITY_KEY and isinstance(value, (int, float)):
-                return float(value)
-    return float("nan")
+    """The experiment's QUALITY_KEY: the mean over the metrics files that hold it (one per seed,
+    reports/quality/scenario{S}/metrics_seed{N}.json), NaN when none does."""
+    found = [float(value) for data in metrics.values() for key, value in flatten(data).items()
+             if key.split(".")[-1] == QUALITY_KEY and isinstance(value, (int, float))]
+    return sum(found) / len(found) if found else float("nan")
 
 
 def runs(exps: list[dict], param: str, read: Reader, listdir: Lister) -> pd.DataFrame:
