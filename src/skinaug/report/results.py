@@ -379,8 +379,9 @@ def _ablation_section(table: pd.DataFrame) -> str:
     warning = " — ⚠ selected on the TEST set (reference rule)" if first.selection == "test_reference" else ""
     chosen = (" The reference rule chose the epoch on each test set separately." if first.selection == "test_reference"
               else "")
+    epochs = f"{first.epochs} epoch{'s' if first.epochs != 1 else ''}"
     return (f"## Ablation (Table 5): scenario {first.scenario}, {ARCH_NAMES.get(first.arch, first.arch)} "
-            f"trained on synthetic images only for {first.epochs} epoch{'s' if first.epochs != 1 else ''}, seeds {', '.join(seeds)}{warning}\n\n"
+            f"trained on synthetic images only for {epochs}, seeds {', '.join(seeds)}{warning}\n\n"
             f"Accuracy on the light and the dark flexible sets ({first.n_test}), mean ± sample std over seeds "
             f"(the gap per seed first); the gap's 95 % interval draws each set's images with replacement; worst "
             f"group: the lowest accuracy among the skin types of both sets, per seed. Model selection: "
