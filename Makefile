@@ -19,9 +19,9 @@ install: $(VENV)/.installed
 params: $(VENV)/.installed  ## recompose params.yaml from conf/ (dvc exp run does this itself)
 	$(PY) -c "import os; from dvc.utils.hydra import compose_and_dump; compose_and_dump('params.yaml', os.path.abspath('conf'), None, 'config', '.', [])"
 
-demo: $(VENV)/.installed  ## the whole demo study on the CPU: dvc repro
+demo: $(VENV)/.installed  ## the whole demo study on the CPU: dvc repro, its stages forked from one warm process
 	@echo "== dvc repro (demo profile: embedded data, tiny model, CPU)"
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} dvc repro
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m skinaug.prefork dvc repro
 	@echo "== done: tables and figures in reports/"
 
 test: $(VENV)/.installed  ## the test suite (fast and slow tests; no network)

@@ -21,7 +21,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
-RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` or `dvc repro` (about 3 min on 2 idle cores; a guard, not a target)
+# Repo.dvc runs DVC as `make demo` does: under one warm process that forks its stages (skinaug/prefork.py).
+# Tests that kill a run and look at what it left at once start DVC without it (a forked stage dies
+# a moment after its client does).
+WARM = [sys.executable, "-m", "skinaug.prefork"]
+RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` or `dvc repro` (about 2 min on 2 idle cores; a guard, not a target)
 CMD_TIMEOUT_S = 300  # any other git/dvc command
 
 # The reduced demo: every stage runs, each in seconds. Lists use Hydra's override syntax.
@@ -72,7 +76,7 @@ class Repo:
         return result
 
     def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return self.run(*DVC, *args, **kw)
+        return self.run(*WARM, *DVC, *args, **kw)
 
     def params(self) -> dict:
         return yaml.safe_load((self.path / "params.yaml").read_text())

@@ -1,0 +1,246 @@
+"""One warm process forks every `skinaug` command of a run: the imports are paid once, not per stage.
+
+Each DVC stage is a fresh process, and a `skinaug` command spends its first 6 to 10 s importing
+torch, torchvision, scikit-learn, transformers and diffusers: on the demo's CPU sizes that is more
+than most stages compute (the demo runs 73 stages, the tests' reduced demo 30). So
+
+    python -m skinaug.prefork dvc repro        # what `make demo` runs
+
+runs its command with SKINAUG_PREFORK naming a Unix socket this process listens on. A `skinaug`
+command that finds the variable sends its arguments, working folder and environment there, with
+its stdin, stdout and stderr (SCM_RIGHTS). At the first request this process imports the heavy
+modules (never running a torch op, so no thread pool or device exists yet); for each request it
+forks a child that takes over the three streams, the folder and the environment, runs the command
+as a fresh process would, and sends back its exit status, which the `skinaug` process exits with.
+
+- A command whose environment differs from this process's (other than what DVC sets per stage)
+  runs cold, in its own process, after one line saying why: some libraries read variables once,
+  at import (HF_HUB_OFFLINE, OMP_NUM_THREADS).
+- The `skinaug` process forwards SIGINT, SIGTERM and SIGHUP to the child, and the child kills
+  itself and its own children when that process goes away (SIGKILL of DVC's process group), so
+  stopping a run stops its stage as it would without this.
+- No server (the variable unset, or its process gone): the command runs cold, silently.
+Outputs are those of a cold run, bit for bit: the same code runs on the same inputs and threads.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+
+ENV = "SKINAUG_PREFORK"
+# Variables that may differ between this process and a command it forks: DVC sets these per stage.
+PER_COMMAND = ("DVC_",)
+IGNORED = {ENV, "PWD", "OLDPWD", "SHLVL", "_"}
+# What the stages import; each is imported once, before the first fork (missing ones are skipped).
+HEAVY = (
+    "torch", "torchvision", "sklearn.metrics", "scipy.stats", "pandas", "matplotlib.pyplot", "PIL.Image",
+    "transformers", "diffusers", "peft", "accelerate", "dvclive",
+    "skinaug.cli", "skinaug.classify.classifiers", "skinaug.classify.quality", "skinaug.classify.select",
+    "skinaug.diffusion.base", "skinaug.diffusion.finetune", "skinaug.diffusion.generate",
+    "skinaug.demo.tinymodel", "skinaug.report.results", "skinaug.tone",
+)
+HEAVY_NAMES = {"transformers": ("CLIPTextModel", "CLIPTokenizer"),
+               "diffusers": ("AutoencoderKL", "UNet2DConditionModel", "StableDiffusionPipeline",
+                             "StableDiffusionImg2ImgPipeline", "DDPMScheduler", "PNDMScheduler")}
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def command() -> None:
+    """The `skinaug` console script: run in the warm process when there is one, else here."""
+    path = os.environ.get(ENV)
+    status = _forward(path) if path else None
+    if status is None:
+        from skinaug import cli
+
+        cli.main()
+    sys.exit(status)
+
+
+def comparable(env: dict[str, str]) -> dict[str, str]:
+    """The variables that must match for a forked command to see what a fresh process would."""
+    return {k: v for k, v in env.items() if k not in IGNORED and not k.startswith(PER_COMMAND)}
+
+
+def difference(ours: dict[str, str], theirs: dict[str, str]) -> str:
+    """'' when two environments may share one warm process, else the names of what differs."""
+    a, b = comparable(ours), comparable(theirs)
+    return ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
+
+
+# --- the client: the `skinaug` process DVC started ---
+
+def _forward(path: str) -> int | None:
+    """Run this command in the warm process listening at `path`: its exit status, or None to run cold."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        return None  # no server (any more): a cold run, as without SKINAUG_PREFORK
+    request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    socket.send_fds(sock, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+    answers = sock.makefile("r")
+    first = answers.readline().split(" ", 1)
+    if first[0] != "pid":
+        why = first[1].strip() if len(first) > 1 else "the warm process closed the connection"
+        print(f"skinaug: running cold, not in the warm process ({why})", file=sys.stderr)
+        return None
+    child = int(first[1])
+    for sig in FORWARDED:
+        signal.signal(sig, lambda number, _frame: _signal_group(child, number))
+    last = answers.readline().split()
+    if len(last) == 2 and last[0] == "exit":
+        return int(last[1])
+    print("skinaug: the forked command ended without an exit status (killed?)", file=sys.stderr)
+    return 1
+
+
+def _signal_group(pgid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, number)
+
+
+# --- the server: `python -m skinaug.prefork CMD ...` ---
+
+def serve(cmd: list[str]) -> int:
+    """Run cmd with a warm process listening for its `skinaug` commands; cmd's exit status."""
+    folder = tempfile.mkdtemp(prefix="skinaug-prefork-")  # not TemporaryDirectory: its atexit hook would fork too
+    path = os.path.join(folder, "socket")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(64)
+    os.environ[ENV] = path
+    children: set[int] = set()
+    try:
+        proc = subprocess.Popen(cmd)
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"skinaug.prefork: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
+        return 127
+    # A terminal's Ctrl-C reaches cmd too (same process group): let cmd decide; pass a TERM on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda number, _frame: proc.send_signal(number))
+    started = dict(os.environ)  # what the commands' environments are compared with
+    warm: dict[str, str] | None = None  # after the imports: the variables they set
+    try:
+        while proc.poll() is None:
+            if select.select([server], [], [], 0.2)[0]:
+                conn, _ = server.accept()
+                if warm is None:
+                    _import_heavy()
+                    warm = {k: v for k, v in os.environ.items() if started.get(k) != v}
+                sys.stdout.flush()  # nothing buffered before the fork may be written twice
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    server.close()
+                    _child(conn, started, warm)  # never returns
+                conn.close()
+                children.add(pid)
+            children = {pid for pid in children if os.waitpid(pid, os.WNOHANG) == (0, 0)}
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        for pid in children:  # commands whose client is gone kill themselves; wait for them
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return proc.wait()
+
+
+def _import_heavy() -> None:
+    import importlib
+
+    for name in HEAVY:
+        try:
+            module = importlib.import_module(name)
+            for attr in HEAVY_NAMES.get(name, ()):
+                getattr(module, attr)  # diffusers and transformers import lazily, per name
+        except Exception:  # noqa: BLE001 - an optional package missing: its commands import it themselves
+            continue
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child could not use the device
+        raise RuntimeError("skinaug.prefork: an import initialised CUDA; run without the warm process")
+
+
+def _child(conn: socket.socket, started: dict[str, str], imported: dict[str, str]) -> None:
+    """In the forked child: become the command's process, run it, report its status, exit.
+
+    started: this process's environment before the imports; imported: the variables they set
+    (torch sets KMP_* for instance), which a fresh process's imports would set too."""
+    status = 1
+    try:
+        for sig in (*FORWARDED, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setpgid(0, 0)  # its own group: the client's forwarded signals reach its children too
+        request, fds = _receive(conn)
+        why = difference(started, request["env"])
+        if why:
+            conn.sendall(f"cold the environment differs: {why}\n".encode())
+            os._exit(0)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"] | imported)
+        sys.argv = request["argv"]
+        conn.sendall(f"pid {os.getpid()}\n".encode())
+        threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
+        status = _run_cli()
+    except BaseException:  # noqa: BLE001 - the child must never return into the server's loop
+        traceback.print_exc()
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()  # what a fresh process runs at exit (flushes, temp files)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        conn.sendall(f"exit {status}\n".encode())
+    os._exit(status)
+
+
+def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    size = struct.unpack("!I", data[:4])[0]
+    data = data[4:]
+    while len(data) < size:
+        more = conn.recv(size - len(data))
+        if not more:
+            raise ConnectionError("the client closed the connection mid-request")
+        data += more
+    return json.loads(data), fds
+
+
+def _die_with_client(conn: socket.socket) -> None:
+    """The client never sends after its request: end of stream means it died; die with it."""
+    with contextlib.suppress(OSError):
+        conn.recv(1)
+    os.killpg(0, signal.SIGKILL)
+
+
+def _run_cli() -> int:
+    from skinaug import cli
+
+    try:
+        cli.main(prog_name="skinaug")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m skinaug.prefork COMMAND [ARGS...]   (e.g. dvc repro)")
+    sys.exit(serve(sys.argv[1:]))
