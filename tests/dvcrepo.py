@@ -23,8 +23,9 @@ BIN = Path(sys.executable).parent
 DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
 # Repo.dvc runs DVC as `make demo` does: under one warm process that forks its stages (skinaug/prefork.py).
 # Tests that kill a run and look at what it left at once start DVC without it (a forked stage dies
-# a moment after its client does).
-WARM = [sys.executable, "-m", "skinaug.prefork"]
+# a moment after its client does): test_kill runs the whole reduced demo cold. SKINAUG_TEST_COLD=1
+# runs every test's DVC cold too.
+WARM = [] if os.environ.get("SKINAUG_TEST_COLD") else [sys.executable, "-m", "skinaug.prefork"]
 RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` or `dvc repro` (about 2 min on 2 idle cores; a guard, not a target)
 CMD_TIMEOUT_S = 300  # any other git/dvc command
 
