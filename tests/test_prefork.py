@@ -113,3 +113,13 @@ def test_stopping_the_client_stops_the_forked_command(tmp_path, params_file, how
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_no_socket_possible_runs_the_command_cold_after_one_line(tmp_path):
+    """A TMPDIR too long for a Unix socket's path: the command still runs, every stage cold."""
+    long_tmp = tmp_path / ("x" * 120)
+    long_tmp.mkdir()
+    run = subprocess.run([*WARM, "sh", "-c", "echo ran; exit 4"], env=_env(TMPDIR=str(long_tmp)),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 4 and run.stdout == "ran\n"
+    assert run.stderr.startswith("skinaug.prefork: no warm process (") and run.stderr.count("\n") == 1

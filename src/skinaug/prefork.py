@@ -118,7 +118,12 @@ def serve(cmd: list[str]) -> int:
     folder = tempfile.mkdtemp(prefix="skinaug-prefork-")  # not TemporaryDirectory: its atexit hook would fork too
     path = os.path.join(folder, "socket")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
+    try:
+        server.bind(path)
+    except OSError as e:  # e.g. a TMPDIR too long for a socket's path (about 100 bytes)
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"skinaug.prefork: no warm process ({e}); every stage runs cold", file=sys.stderr)
+        return subprocess.call(cmd)
     server.listen(64)
     os.environ[ENV] = path
     children: set[int] = set()
