@@ -115,7 +115,8 @@ def _signal_group(pgid: int, number: int) -> None:
 
 def serve(cmd: list[str]) -> int:
     """Run cmd with a warm process listening for its `skinaug` commands; cmd's exit status."""
-    folder = tempfile.mkdtemp(prefix="skinaug-prefork-")  # not TemporaryDirectory: its atexit hook would fork too
+    # not TemporaryDirectory: its finalizer would run in every forked child's exit hooks and delete the folder
+    folder = tempfile.mkdtemp(prefix="skinaug-prefork-")
     path = os.path.join(folder, "socket")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
