@@ -2,7 +2,7 @@
 
 Each DVC stage is a fresh process, and a `skinaug` command spends its first 6 to 10 s importing
 torch, torchvision, scikit-learn, transformers and diffusers: on the demo's CPU sizes that is more
-than most stages compute (the demo runs 73 stages, the tests' reduced demo 30). So
+than most stages compute (the demo runs 72 stages, the tests' reduced demo 30). So
 
     python -m skinaug.prefork dvc repro        # what `make demo` runs
 
