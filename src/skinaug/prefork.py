@@ -127,19 +127,18 @@ def serve(cmd: list[str]) -> int:
         return subprocess.call(cmd)
     server.listen(64)
     os.environ[ENV] = path
-    children: set[int] = set()
-    try:
-        proc = subprocess.Popen(cmd)
-    except OSError as e:
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"skinaug.prefork: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
-        return 127
-    # A terminal's Ctrl-C reaches cmd too (same process group): let cmd decide; pass a TERM on.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda number, _frame: proc.send_signal(number))
     started = dict(os.environ)  # what the commands' environments are compared with
     warm: dict[str, str] | None = None  # after the imports: the variables they set
+    children: set[int] = set()
     try:
+        try:
+            proc = subprocess.Popen(cmd)
+        except OSError as e:
+            print(f"skinaug.prefork: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
+            return 127
+        # A terminal's Ctrl-C reaches cmd too (same process group): let cmd decide; pass a TERM on.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda number, _frame: proc.send_signal(number))
         while proc.poll() is None:
             if select.select([server], [], [], 0.2)[0]:
                 conn, _ = server.accept()
