@@ -43,6 +43,12 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
 
 
+@pytest.fixture(autouse=True)
+def checkpoint_every_epoch(monkeypatch):
+    """Tests stop runs after a given epoch and expect its checkpoint: save after every epoch."""
+    monkeypatch.setattr(classifiers, "CHECKPOINT_EVERY_S", 0.0)
+
+
 def read_live(live_dir: Path) -> dict[str, pd.DataFrame]:
     """A DVCLive folder's curves: metric name (train/loss, val/accuracy_pct, ...) -> its TSV (step, value)."""
     metrics = Path(live_dir) / "plots" / "metrics"
@@ -128,6 +134,32 @@ def test_unfrozen_backbone_trains_everything_and_vit_takes_small_images():
     model = classifiers.build_classifier("vit_b_16", 7, pretrained=False, freeze_backbone=False, image_size=32)
     assert all(p.requires_grad for p in model.parameters())
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_a_3x3_convolution_on_a_1x1_map_uses_its_centre_tap_and_computes_the_same():
+    """ResNet-18's last stage sees 1 x 1 maps at 32 px: there it convolves with the kernel's centre
+    tap (oneDNN's 3 x 3 backward is 20 times slower); outputs and gradients are the plain model's."""
+    torch.manual_seed(0)
+    model = classifiers.build_classifier("resnet18", 7, pretrained=False, freeze_backbone=False)
+    plain = torchvision.models.resnet18()
+    plain.fc = classifiers.reference_head(512, 7)
+    assert model.state_dict().keys() == plain.state_dict().keys()  # still torchvision's model
+    plain.load_state_dict(model.state_dict())
+    assert type(model.layer4[1].conv2) is classifiers.CentreTapConv2d
+    assert type(model.conv1) is torch.nn.Conv2d  # 7 x 7, stride 2: left alone
+    model.eval(), plain.eval()
+    x = torch.randn(4, 3, 32, 32)
+    out, out_plain = model(x), plain(x)
+    assert torch.allclose(out, out_plain, atol=1e-5)
+    out[:, 0].sum().backward()
+    out_plain[:, 0].sum().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4), name
+    assert model.layer4[1].conv2.weight.grad[:, :, 0].abs().sum() == 0  # the padding taps learn nothing
+    conv = model.layer1[0].conv1  # on a 2 x 2 map every tap sees the input: the plain convolution
+    y = torch.randn(2, 64, 2, 2)
+    assert torch.equal(conv(y), torch.nn.functional.conv2d(y, conv.weight, padding=1))
 
 
 def test_missing_weights_offline_say_where_to_put_them(tmp_path):
@@ -534,6 +566,24 @@ def test_a_curve_row_logged_after_the_checkpoint_is_not_written_twice(tmp_path):
     assert epochs == [3]
     assert read_live(tmp_path / "b")["train/loss"].step.tolist() == [1, 2, 3]
     assert live_bytes(tmp_path / "b") == live_bytes(tmp_path / "a")
+
+
+def test_checkpoints_are_saved_at_most_every_checkpoint_every_s(tmp_path, monkeypatch):
+    """With no save due yet, a run stopped after epoch 2 of 3 leaves no checkpoint; the rerun trains
+    all three epochs and writes what an uninterrupted run writes."""
+    monkeypatch.setattr(classifiers, "CHECKPOINT_EVERY_S", math.inf)
+    study = write_study(tmp_path)
+    args = (study["split_dir"], study["images_dir"], None)
+    cfg = small_cfg(epochs=3)
+    whole = classifiers.run(*args, {"test": tmp_path / "whole.json"}, "resnet18", "real", cfg, seed=0)
+    with pytest.raises(_Stop):
+        classifiers.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0,
+                        on_epoch=_stop_after(2))
+    assert not (tmp_path / ".m.json.partial" / "checkpoint.pt").exists()
+    epochs = []
+    assert classifiers.run(*args, {"test": tmp_path / "m.json"}, "resnet18", "real", cfg, seed=0,
+                           on_epoch=epochs.append) == whole
+    assert epochs == [1, 2, 3]
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):

@@ -49,6 +49,7 @@ import dataclasses
 import io
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,9 @@ from skinaug.config import ARCHS, SELECTION_LABELS, TRAIN_TYPES, Config
 from skinaug.data import fitzpatrick, splits
 from skinaug.diffusion import sd21
 
+# A classifier's checkpoint (ResNet-18 with Adam's moments: 134 MB) took 0.3 s to write on 2 CPU cores, a
+# third of a demo ablation classifier's 32 short epochs: fit saves one at most this often.
+CHECKPOINT_EVERY_S = 30.0
 REFERENCE_AFTER_EPOCH = 10  # the reference keeps the best test-loss epoch only after this one
 CROP_SCALE = (0.8, 1.0)  # the reference's RandomResizedCrop(scale=...): share of the image's area kept
 CROP_RATIO = (3 / 4, 4 / 3)  # its default ratio range (width / height of the box)
@@ -102,7 +106,32 @@ def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backb
         model.requires_grad_(False)  # the head below is new, so it alone trains
     parent, _, name = row.head.rpartition(".")
     setattr(model.get_submodule(parent), name, reference_head(model.get_submodule(row.head).in_features, num_classes))
+    for module in model.modules():
+        if CentreTapConv2d.applies(module):
+            module.__class__ = CentreTapConv2d  # same parameters and state_dict: still the torchvision model
     return model
+
+
+class CentreTapConv2d(nn.Conv2d):
+    """A 3 x 3, stride 1, padding 1 convolution that on a 1 x 1 feature map uses only its kernel's
+    centre tap: the other eight see nothing but padding zeros, so the output and every gradient are
+    the same (to float rounding; the other taps' gradients are zero either way).
+
+    Why: ResNet-18's last stage runs on 1 x 1 maps at the demo's 32 px crops, and on a CPU oneDNN's
+    backward pass for a 3 x 3 kernel there took 136 ms a call against 6 ms for the 1 x 1 kernel it
+    amounts to (2 threads, batch 64, 512 channels); a whole training step took 733 ms against
+    348 ms (benchmarks/README.md). At the paper's 224 px no map is 1 x 1 and nothing changes.
+    """
+
+    @staticmethod
+    def applies(module: nn.Module) -> bool:
+        return (type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
+                and module.padding == (1, 1) and module.dilation == (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (1, 1):
+            return super().forward(x)
+        return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias, groups=self.groups)
 
 
 def reference_head(in_features: int, num_classes: int) -> nn.Sequential:
@@ -441,9 +470,11 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: dict[str
     each test set by that set's own loss (the honest rules never look at a test set before the end).
     curve: each row goes to DVCLive as it is made (live_values); a resumed run replays the rows
     of its checkpoint first.
-    work: after every epoch but the last, everything the remaining epochs need (learned weights,
-    optimizer, sampler and dropout random states, the selection's bookkeeping) is saved there, and
-    a run given a work holding such a checkpoint continues from it exactly as if never stopped.
+    work: after an epoch (never the last) that ends CHECKPOINT_EVERY_S or more after the previous
+    save or the start, everything the remaining epochs need (learned weights, optimizer, sampler
+    and dropout random states, the selection's bookkeeping) is saved there, and a run given a work
+    holding such a checkpoint continues from it exactly as if never stopped: a kill loses at most
+    that long, plus the epoch under way.
     on_epoch(epoch) is called after each epoch (and its checkpoint).
     """
     ccfg = cfg.classify
@@ -457,6 +488,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: dict[str
         curve.log(row["epoch"], live_values(row))
     schedule = list(enumerate(lr_schedule(ccfg.lr, ccfg.epochs, ccfg.lr_step), 1))
     bar = tqdm(schedule[progress.epoch:], desc=desc, unit="epoch", initial=progress.epoch, total=len(schedule))
+    saved_at = time.monotonic()
     for epoch, lr in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -476,8 +508,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, tests: dict[str
         progress.curve.append(row)
         progress.epoch = epoch
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "epoch"})
-        if work is not None and epoch < len(schedule):  # the last epoch's state goes straight into the results
+        due = time.monotonic() - saved_at >= CHECKPOINT_EVERY_S
+        if work is not None and epoch < len(schedule) and due:  # the last epoch's state goes straight into the results
             work.save(_checkpoint(progress, model, optimizer, generator))
+            saved_at = time.monotonic()
         if curve is not None:
             curve.log(epoch, live_values(row))
         if on_epoch is not None:
