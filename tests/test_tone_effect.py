@@ -1,31 +1,60 @@
-"""End to end on a reduced demo: the method moves skin tone the way the prompts ask (slow, ~6 min).
+"""End to end on a reduced demo: the method moves skin tone the way the prompts ask (slow).
 
-The demo profile's own pretrained base, then Textual Inversion and LoRA on scenario 1's light
-training images of two labels, then img2img of those images towards FST 5 and 6, as the demo
-runs them (fewer steps and images). A broken pipeline loses the effect: the same adapters with
+The demo profile's own pretrained base (about 11 minutes on 2 CPU cores, 2026-11-29; kept in
+pytest's cache for the next run of unchanged code, see demo_base), then Textual Inversion and
+LoRA on scenario 1's light training images of two labels, then img2img of those images towards
+FST 5 and 6, as the demo runs them (fewer steps and images). A broken pipeline loses the effect: the same adapters with
 the tone words swapped in the prompts (a dark target asked for as very light) must leave the
 synthetic skin lighter than the sources, not darker.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from skinaug import config, prompts, tone
+from skinaug import config, hashing, prompts, tone
 from skinaug.data import fitzpatrick, splits
 from skinaug.diffusion import base as diffusion_base
 from skinaug.diffusion import finetune
 from skinaug.diffusion import generate as G
+from skinaug.diffusion import sd21
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["folliculitis", "psoriasis"]
 SOURCES_PER_LABEL = 12
 
 
 @pytest.fixture(scope="module")
-def run(repo_cfg, world_dir, tmp_path_factory) -> dict:
+def demo_base(repo_cfg, request) -> Path:
+    """The demo profile's pretrained base, made as the `base` stage makes it, in pytest's cache.
+
+    Its key is every source file of skinaug, the model params and the torch version, so a
+    change to any of them pretrains afresh; a clean clone (CI) always does. `pytest
+    --cache-clear` empties the cache. Older keys are deleted: one base is kept (7 MB)."""
+    sources = sorted((ROOT / "src" / "skinaug").rglob("*.py"))
+    made_of = [hashing.files_digest(sources, ROOT), dataclasses.asdict(repo_cfg.model), torch.__version__]
+    key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+    cache = request.config.cache.mkdir("skinaug-demo-base")
+    for old in cache.iterdir():
+        if key not in old.name:  # another key's base, or its lock or leftover .tmp
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if not (cache / key / sd21.BASE_INFO).is_file():  # written last, before the folder is renamed into place
+        diffusion_base.prepare_base(repo_cfg.model, cache / key)  # the demo's pretraining, as in `dvc repro`
+    return cache / key
+
+
+@pytest.fixture(scope="module")
+def run(repo_cfg, world_dir, demo_base, tmp_path_factory) -> dict:
     """ITA of the light sources, of their synthetic versions, and of those made with swapped tone words."""
     r = config.replace
     cfg = r(repo_cfg, subset=r(repo_cfg.subset, labels=LABELS),
@@ -37,7 +66,7 @@ def run(repo_cfg, world_dir, tmp_path_factory) -> dict:
     split = root / "split"
     splits.write_splits(subset, split, 1, 0, cfg.splits, None, None)
     images = world_dir / "images"
-    base = diffusion_base.prepare_base(cfg.model, root / "base")  # the demo's pretraining, as in `dvc repro`
+    base = demo_base
     finetune.train_textual_inversion(split / "train.csv", images, base, root / "ti", cfg, 0)
     finetune.train_lora(split / "train.csv", images, base, root / "ti", root / "lora", cfg, 0)
 
