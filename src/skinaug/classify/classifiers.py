@@ -71,8 +71,8 @@ from skinaug.config import ARCHS, SELECTION_LABELS, TRAIN_TYPES, Config
 from skinaug.data import fitzpatrick, splits
 from skinaug.diffusion import sd21
 
-# A classifier's checkpoint (ResNet-18 with Adam's moments: 134 MB) took 0.3 s to write on 2 CPU cores, a
-# third of a demo ablation classifier's 32 short epochs: fit saves one at most this often.
+# A classifier's checkpoint (ResNet-18 with Adam's moments: 134 MB) took 0.3 s to write on 2 CPU cores, about
+# a third of each of a demo ablation classifier's 32 one-second epochs: fit saves one at most this often.
 CHECKPOINT_EVERY_S = 30.0
 REFERENCE_AFTER_EPOCH = 10  # the reference keeps the best test-loss epoch only after this one
 CROP_SCALE = (0.8, 1.0)  # the reference's RandomResizedCrop(scale=...): share of the image's area kept
@@ -117,9 +117,9 @@ class CentreTapConv2d(nn.Conv2d):
     centre tap: the other eight see nothing but padding zeros, so the output and every gradient are
     the same (to float rounding; the other taps' gradients are zero either way).
 
-    Why: ResNet-18's last stage runs on 1 x 1 maps at the demo's 32 px crops, and on a CPU oneDNN's
-    backward pass for a 3 x 3 kernel there took 136 ms a call against 6 ms for the 1 x 1 kernel it
-    amounts to (2 threads, batch 64, 512 channels); a whole training step took 733 ms against
+    Why: ResNet-18's last stage runs on 1 x 1 maps at the demo's 32 px crops, and on a CPU a forward
+    and backward pass through oneDNN's 3 x 3 kernel there took 136 ms against 6 ms for the 1 x 1
+    kernel it amounts to (2 threads, batch 64, 512 channels); a whole training step took 733 ms against
     348 ms (benchmarks/README.md). At the paper's 224 px no map is 1 x 1 and nothing changes.
     """
 
