@@ -39,7 +39,7 @@ OVERRIDES = [
     "world.image_size=32",
     "textual_inversion.steps=2", "lora.steps=2",
     "generate.steps=2", "generate.batch_size=8",  # small batches: an interrupted run stops between them
-    "classify.epochs=1",
+    "classify.epochs=1", "backbone.corpus=64", "backbone.epochs=1",
     "ablation.seeds=[0]", "ablation.sources_per_label=2", "ablation.strategies=[" + ",".join(STRATEGIES) + "]",
     "ablation.epochs=2",  # the ablation's own budget (--epochs), not classify.epochs
 ]

@@ -251,13 +251,15 @@ def test_quality_and_select_settings_are_checked(key, value, ok):
             config.from_dict(raw)
 
 
-def test_a_pretrained_vit_reference_needs_its_input_size():
+def test_an_imagenet_vit_reference_needs_its_input_size():
     import yaml
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["classify"]["pretrained"], raw["quality"]["arch"] = True, "vit_b_16"  # demo crop_size: 32
+    raw["backbone"]["source"], raw["quality"]["arch"] = "imagenet", "vit_b_16"  # demo crop_size: 32
     with pytest.raises(config.ConfigError, match="quality.arch"):
         config.from_dict(raw)
+    raw["backbone"]["source"] = "world"  # the backbone stage pretrains a ViT at the demo's size
+    assert config.from_dict(raw).quality.arch == "vit_b_16"
 
 
 def functools_get(cfg, key):

@@ -101,7 +101,8 @@ def test_lesion_rule_uses_the_reference_classifier_and_reads_no_split(tmp_path, 
     opens is a synthetic image or its manifest (no split CSV, no real image)."""
     paths = uniform_study(tmp_path)
     cfg = with_rules(small_cfg(), ["lesion"])
-    monkeypatch.setattr(classifiers, "load_reference", lambda path, cfg, device: (RightByConstruction(cfg).eval(), LABELS))
+    monkeypatch.setattr(classifiers, "load_reference",
+                        lambda path, cfg, device, weights=None: (RightByConstruction(cfg).eval(), LABELS))
     opened = []
     real_open, real_read = PIL.Image.open, fitzpatrick.read_table
     monkeypatch.setattr(PIL.Image, "open", lambda p, *a, **k: opened.append(Path(p)) or real_open(p, *a, **k))

@@ -52,6 +52,11 @@ def _seed_option(f):
     return click.option("--seed", type=int, required=True, help="Split seed of this study repeat.")(f)
 
 
+def _backbone_option(f):
+    return click.option("--backbone", "backbone_dir", type=PathArg, default=None,
+                        help="The backbone stage's folder (backbone.source: world; dvc.yaml names it).")(f)
+
+
 def _live_option(f):
     return click.option("--live-dir", type=PathArg, default=None,
                         help="Write the training curve here as it trains (a DVCLive folder; dvc.yaml names it).")(f)
@@ -133,6 +138,21 @@ def base(ctx, out_dir: Path) -> None:
 
     cfg = _cfg(ctx)
     base.prepare_base(cfg.model, out_dir)
+
+
+@main.command()
+@click.argument("out_dir", type=PathArg)
+@click.pass_context
+def backbone(ctx, out_dir: Path) -> None:
+    """Pretrain the classifiers' backbones (backbone.source: world) or note torchvision's ImageNet weights."""
+    from skinaug.demo import backbone as backbone_mod
+
+    cfg = _cfg(ctx)
+    start = time.monotonic()
+    archs = backbone_mod.write(out_dir, cfg)
+    how = "pretrained on the demo world's web corpus" if backbone_mod.trains(cfg) else \
+        f"nothing to train (classify.pretrained {cfg.classify.pretrained}, backbone.source {cfg.backbone.source})"
+    click.echo(f"backbone: {', '.join(archs)}: {how} -> {out_dir}, {time.monotonic() - start:.0f} s")
 
 
 @main.command("textual_inversion")
@@ -222,11 +242,13 @@ def generate(ctx, split_dir: Path, images_dir: Path, base_dir: Path, out_dir: Pa
               help="Training epochs; 0: classify.epochs (the ablation passes ablation.epochs).")
 @_seed_option
 @_live_option
+@_backbone_option
 @click.pass_context
 def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Path | None,
              arch: str, train_type: str, test_names: tuple[str, ...], keep: Path | None, epochs: int, seed: int,
-             live_dir: Path | None) -> None:
+             live_dir: Path | None, backbone_dir: Path | None) -> None:
     """Train one classifier and write its metrics (JSON) on each test set."""
+    from skinaug.classify import backbone
     from skinaug.classify import classifiers as classify_mod
 
     cfg = _cfg(ctx)
@@ -236,8 +258,9 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
         raise click.UsageError("several --test sets need a {test} placeholder in OUT_JSON")
     outputs = {name: Path(str(out_json).replace("{test}", name)) for name in test_names}
     start = time.monotonic()
+    weights = backbone.weights_file(cfg, backbone_dir, arch)
     for m in classify_mod.run(split_dir, images_dir, syn_dir, outputs, arch, train_type, cfg, seed, keep=keep,
-                              live_dir=live_dir):
+                              live_dir=live_dir, weights=weights):
         click.echo(f"classify: {arch} {train_type} seed {seed} on {m['test_name']} ({m['n_test']} images): "
                    f"accuracy {m['accuracy_pct']:.2f}%, macro F1 {m['f1_pct']:.2f}%; "
                    f"epoch {m['chosen_epoch']}/{m['epochs']} by {m['selection']['rule']} "
@@ -250,13 +273,16 @@ def classify(ctx, split_dir: Path, images_dir: Path, out_json: Path, syn_dir: Pa
 @click.argument("images_dir", type=ExistingPath)
 @click.argument("out_pt", type=PathArg)
 @_seed_option
+@_backbone_option
 @click.pass_context
-def reference(ctx, split_dir: Path, images_dir: Path, out_pt: Path, seed: int) -> None:
+def reference(ctx, split_dir: Path, images_dir: Path, out_pt: Path, seed: int, backbone_dir: Path | None) -> None:
     """Train the reference classifier (quality.arch, real training images only) that quality and select use."""
+    from skinaug.classify import backbone
     from skinaug.classify import classifiers as classify_mod
 
     cfg = _cfg(ctx)
-    info = classify_mod.train_reference(split_dir, images_dir, out_pt, cfg.quality.arch, cfg, seed)
+    weights = backbone.weights_file(cfg, backbone_dir, cfg.quality.arch)
+    info = classify_mod.train_reference(split_dir, images_dir, out_pt, cfg.quality.arch, cfg, seed, weights)
     click.echo(f"reference: {info['arch']} on {info['n_train']} real training images, epoch {info['chosen_epoch']} "
                f"({info['selection']}) -> {out_pt}")
 
@@ -270,16 +296,19 @@ def reference(ctx, split_dir: Path, images_dir: Path, out_pt: Path, seed: int) -
 @click.option("--metrics", "metrics_json", type=PathArg, required=True, help="Where the headline numbers go (JSON).")
 @click.option("--title", default="", help="What is measured, for the markdown heading (default: SYN_DIR).")
 @_seed_option
+@_backbone_option
 @click.pass_context
 def quality(ctx, split_dir: Path, images_dir: Path, syn_dir: Path, out_dir: Path, reference_pt: Path,
-            metrics_json: Path, title: str, seed: int) -> None:
+            metrics_json: Path, title: str, seed: int, backbone_dir: Path | None) -> None:
     """Measure synthetic images against real ones of the requested skin type (FD, KID, precision/recall,
     density/coverage, lesion kept, tone moved): tables, figures and quality.md in OUT_DIR."""
+    from skinaug.classify import backbone
     from skinaug.classify import quality as quality_mod
 
     cfg = _cfg(ctx)
+    weights = backbone.weights_file(cfg, backbone_dir, cfg.quality.arch)
     head = quality_mod.run(split_dir, images_dir, syn_dir, reference_pt, out_dir, metrics_json, cfg, seed,
-                           title or str(syn_dir))
+                           title or str(syn_dir), weights)
     click.echo(f"quality: {head['n_syn']} synthetic vs {head['n_ref']} reference images ({head['features']}): "
                + ", ".join(f"{k} {v}" for k, v in head.items() if k in quality_mod.HEADLINE) + f" -> {out_dir}")
 
@@ -289,13 +318,17 @@ def quality(ctx, split_dir: Path, images_dir: Path, syn_dir: Path, out_dir: Path
 @click.argument("out_dir", type=PathArg)
 @click.option("--reference", "reference_pt", type=PathArg, required=True,
               help="The reference stage's classifier (read only by the lesion and best_n rules).")
+@_backbone_option
 @click.pass_context
-def select(ctx, syn_dir: Path, out_dir: Path, reference_pt: Path) -> None:
+def select(ctx, syn_dir: Path, out_dir: Path, reference_pt: Path, backbone_dir: Path | None) -> None:
     """Keep the synthetic images select.rules accept ([] keeps all): OUT_DIR/kept.csv and counts."""
+    from skinaug.classify import backbone
     from skinaug.classify import select as select_mod
 
     cfg = _cfg(ctx)
-    summary = select_mod.run(syn_dir, reference_pt, out_dir, cfg)
+    needs_reference = {"lesion", "best_n"} & set(cfg.select.rules)
+    weights = backbone.weights_file(cfg, backbone_dir, cfg.quality.arch) if needs_reference else None
+    summary = select_mod.run(syn_dir, reference_pt, out_dir, cfg, weights)
     click.echo(f"select [{', '.join(cfg.select.rules)}]: kept {int(summary.kept.sum())} of "
                f"{int(summary.generated.sum())} synthetic images -> {out_dir / 'kept.csv'}")
 

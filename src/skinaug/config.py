@@ -41,6 +41,7 @@ SELECTIONS = tuple(SELECTION_LABELS)
 TRAIN_TYPES = ("real", "syn", "real_syn")  # what a classifier trains on: real images, synthetic ones, or both
 TI_TEMPLATES = ("authors", "imagenet")  # textual-inversion template sets (prompts.TI_TEMPLATES)
 SAMPLINGS = ("pooled", "per_type")  # flexible-subset draws (splits.flexible_subsets)
+BACKBONES = ("imagenet", "world")  # where classify.pretrained's weights come from (classify.backbone)
 FEATURES = ("classifier", "dinov2")  # image features the quality measures compare (quality.EXTRACTORS)
 SELECT_RULES = ("tone", "lesion", "best_n")  # what the select stage may drop by, in the order it applies them
 DEVICES = ("auto", "cpu", "cuda")  # diffusion.pick_device; model.device also takes cuda:K (one card, DEVICE_RE)
@@ -154,7 +155,7 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class ClassifyConfig:
     archs: list[str]  # torchvision architectures trained
-    pretrained: bool  # ImageNet weights (paper) or random init (demo)
+    pretrained: bool  # start from pretrained weights (backbone.source says whose) or from random ones
     freeze_backbone: bool  # train only the head, as the reference does
     epochs: int  # training epochs
     batch_size: int  # images per step
@@ -164,6 +165,15 @@ class ClassifyConfig:
     val_fraction: float  # share of training sources held out when selection is "val"
     image_size: int  # resize side before the crop
     crop_size: int  # network input side
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    source: str  # what classify.pretrained loads: "imagenet" (torchvision's weights, the paper) or "world"
+    corpus: int  # world: web-corpus photos of generic marks the backbone stage pretrains each arch on
+    epochs: int  # world: pretraining epochs (classify.lr_step's schedule, classify.batch_size)
+    lr: float  # world: Adam learning rate
+    seed: int  # world: corpus, initialisation and sampling seed
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,7 @@ class Config:
     lora: LoraConfig
     generate: GenerateConfig
     classify: ClassifyConfig
+    backbone: BackboneConfig
     ablation: AblationConfig
     quality: QualityConfig
     select: SelectConfig
@@ -423,6 +434,11 @@ RULES: dict[str, Rule] = {
     "classify.image_size": _int(1),
     "classify.crop_size": _int(1),
     "classify.lr_step": _one_of(("start", "end")),
+    "backbone.source": _one_of(BACKBONES),
+    "backbone.corpus": _int(2),  # BatchNorm trains on batches of two or more
+    "backbone.epochs": _int(1),
+    "backbone.lr": _POSITIVE,
+    "backbone.seed": _SEED,
     "ablation.strategies": _each(_one_of(STRATEGIES)),
     "ablation.arch": _one_of(ARCHS),
     "ablation.seeds": _each(_SEED),
@@ -452,9 +468,11 @@ RULES: dict[str, Rule] = {
 }
 
 def _vit_fits(c: Config) -> bool:
-    """ImageNet ViT weights hold position embeddings for 224-pixel inputs; the other archs pool any size."""
+    """ImageNet ViT weights hold position embeddings for 224-pixel inputs; the other archs pool any size
+    (and the backbone stage pretrains a ViT on the demo world at classify.crop_size)."""
     vit = "vit_b_16" in (*c.classify.archs, c.ablation.arch, c.quality.arch)
-    return not (c.classify.pretrained and vit) or c.classify.crop_size == VIT_PRETRAINED_SIZE
+    imagenet = c.classify.pretrained and c.backbone.source == "imagenet"
+    return not (imagenet and vit) or c.classify.crop_size == VIT_PRETRAINED_SIZE
 
 
 # Rules between fields: (key, holds for the config c, allowed: formatted with c).
@@ -469,7 +487,7 @@ CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     ("classify.crop_size", lambda c: c.classify.crop_size <= c.classify.image_size,
      "at most classify.image_size ({c.classify.image_size})"),
     ("classify.crop_size", _vit_fits,
-     f"{VIT_PRETRAINED_SIZE} for pretrained vit_b_16 (classify.archs, ablation.arch or quality.arch), "
+     f"{VIT_PRETRAINED_SIZE} for ImageNet vit_b_16 (classify.archs, ablation.arch or quality.arch), "
      "or classify.pretrained: false"),
     # img2img runs int(strength * steps) scheduler steps, and diffusers refuses zero.
     ("generate.strength", lambda c: int(c.generate.strength * c.generate.steps) >= 1,

@@ -49,6 +49,7 @@ import dataclasses
 import io
 import math
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,23 +86,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # --- the network ---------------------------------------------------------------------------
 
 def build_classifier(arch: str, num_classes: int, pretrained: bool, freeze_backbone: bool,
-                     image_size: int = 224) -> nn.Module:
+                     image_size: int = 224, weights: Path | None = None) -> nn.Module:
     """A torchvision backbone with the reference head; its forward returns log-probabilities.
 
-    image_size only matters for vit_b_16 without pretrained weights: ImageNet ViT takes only
-    config.VIT_PRETRAINED_SIZE, which config checks against classify.crop_size on load.
+    pretrained: torchvision's ImageNet weights, or with `weights` (a backbone stage file,
+    backbone.source: world) that file's. image_size only matters for vit_b_16 without ImageNet
+    weights: ImageNet ViT takes only config.VIT_PRETRAINED_SIZE, which config checks on load.
     """
     if arch not in ARCHS:
         raise SkinaugError(f"unknown classifier {arch!r}; choose one of {', '.join(ARCHS)}")
     row = ARCHITECTURES[arch]
-    kwargs = {"image_size": image_size} if row.sized and not pretrained else {}
-    weights = getattr(torchvision.models, row.weights).IMAGENET1K_V1 if pretrained else None
+    imagenet = pretrained and weights is None
+    kwargs = {"image_size": image_size} if row.sized and not imagenet else {}
+    imagenet_weights = getattr(torchvision.models, row.weights).IMAGENET1K_V1 if imagenet else None
     try:
-        model = torchvision.models.get_model(arch, weights=weights, **kwargs)
+        model = torchvision.models.get_model(arch, weights=imagenet_weights, **kwargs)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file a RuntimeError
-        if weights is None:
+        if imagenet_weights is None:
             raise
-        raise SkinaugError(_weights_message(arch, weights.url, e)) from e
+        raise SkinaugError(_weights_message(arch, imagenet_weights.url, e)) from e
+    if pretrained and weights is not None:
+        load_backbone(model, arch, weights)
     if freeze_backbone:
         model.requires_grad_(False)  # the head below is new, so it alone trains
     parent, _, name = row.head.rpartition(".")
@@ -132,6 +137,20 @@ class CentreTapConv2d(nn.Conv2d):
         if x.shape[-2:] != (1, 1):
             return super().forward(x)
         return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias, groups=self.groups)
+
+
+def load_backbone(model: nn.Module, arch: str, path: Path) -> None:
+    """Load a backbone file (every weight but the head's) into a freshly built torchvision model."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise SkinaugError(f"backbone weights {path} do not load into {arch} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}); re-run the backbone stage (`dvc repro backbone`)") from e
+    head = ARCHITECTURES[arch].head + "."
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise SkinaugError(f"backbone weights {path} are not a {arch} backbone ({len(missing)} weights missing, "
+                           f"{len(unexpected)} unexpected); re-run the backbone stage (`dvc repro backbone`)")
 
 
 def reference_head(in_features: int, num_classes: int) -> nn.Sequential:
@@ -598,10 +617,11 @@ def reference_epoch(curve: list[dict], key: str) -> int:
 
 def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[str, Path], arch: str,
         train_type: str, cfg: Config, seed: int, on_epoch=None, keep: Path | None = None,
-        live_dir: Path | None = None) -> list[dict]:
+        live_dir: Path | None = None, weights: Path | None = None) -> list[dict]:
     """Train one classifier on split_dir/train.csv (+ synthetic images), test it on each
     {test_name}.csv of `outputs` (test name -> metrics JSON path), write and return the metrics.
     keep: the select stage's kept.csv; only the synthetic images it lists are trained on.
+    weights: the backbone file classify.pretrained starts from (backbone.source world; see build_classifier).
 
     An interrupted run continues from its last finished epoch (resume.Work beside the first
     metrics file, kept until the metrics are written) and gives the metrics an uninterrupted one
@@ -620,7 +640,8 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
         raise SkinaugError(f"{len(leaked)} test image(s) (or their synthetic offspring) are in training, e.g. {min(leaked)}")
     device = sd21.pick_device(cfg.model.device)
     torch.manual_seed(seed)  # head initialisation and dropout
-    model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size).to(device)
+    model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size,
+                             weights).to(device)
     train = load_set(train_items, labels, ccfg.image_size, device, whole=True)
     val = None if val_items is None else load_set(val_items, labels, ccfg.image_size, device)
     tests = {name: load_set(real_items(rows, images_dir), labels, ccfg.image_size, device)
@@ -628,6 +649,7 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
     fingerprint = {"arch": arch, "train_type": train_type, "seed": seed, "labels": labels,
                    "device": device.type,  # a checkpoint made on another card resumes; one made on the CPU does not
                    "settings": dataclasses.asdict(ccfg),
+                   "backbone": None if weights is None else hashing.file_digest(weights),
                    "splits": {name: hashing.file_digest(Path(split_dir) / f"{name}.csv") for name in ["train", *outputs]},
                    "manifest": None if manifest is None else hashing.file_digest(Path(syn_dir) / "manifest.csv"),
                    "keep": None if keep is None or manifest is None else hashing.file_digest(keep)}
@@ -648,6 +670,7 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
                 "selection": {"rule": ccfg.selection, "label": SELECTION_LABELS[ccfg.selection],
                               "honest": ccfg.selection != "test_reference"},
                 "chosen_epoch": chosen[test_name], "epochs": ccfg.epochs, "pretrained": ccfg.pretrained,
+                "backbone": cfg.backbone.source if ccfg.pretrained else None,
                 "freeze_backbone": ccfg.freeze_backbone, "profile": cfg.profile, "labels": labels,
                 "n_train": {"real": int(kinds.get("real", 0)), "syn": int(kinds.get("syn", 0)),
                             "total": len(train.targets)},
@@ -665,13 +688,15 @@ def run(split_dir: Path, images_dir: Path, syn_dir: Path | None, outputs: dict[s
 
 # --- the reference classifier (quality and select) -----------------------------------------
 
-def train_reference(split_dir: Path, images_dir: Path, out_path: Path, arch: str, cfg: Config, seed: int) -> dict:
+def train_reference(split_dir: Path, images_dir: Path, out_path: Path, arch: str, cfg: Config, seed: int,
+                    weights: Path | None = None) -> dict:
     """Train a classifier on the split's real training images only and save it (torch.save, atomic).
 
     The recipe and seed of classify_real's `arch` classifier (classify.* settings, the same order
     of random draws), so on one device it is that classifier. It never reads a test split: under
     classify.selection "test_reference" it keeps the last epoch. Saved: arch, labels and the learned
-    part of the weights (_learned; a frozen pretrained backbone is rebuilt from its ImageNet file).
+    part of the weights (_learned; a frozen pretrained backbone is rebuilt from its ImageNet file, or
+    from `weights`, the backbone file, which load_reference is given again).
     """
     ccfg, labels = cfg.classify, list(cfg.subset.labels)
     train_rows = read_split(split_dir, "train")
@@ -680,7 +705,8 @@ def train_reference(split_dir: Path, images_dir: Path, out_path: Path, arch: str
                                             ccfg.val_fraction, seed)
     device = sd21.pick_device(cfg.model.device)
     torch.manual_seed(seed)
-    model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size).to(device)
+    model = build_classifier(arch, len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size,
+                             weights).to(device)
     train = load_set(train_items, labels, ccfg.image_size, device, whole=True)
     val = None if val_items is None else load_set(val_items, labels, ccfg.image_size, device)
     cfg = dataclasses.replace(cfg, classify=dataclasses.replace(ccfg, selection=selection))
@@ -696,8 +722,10 @@ def train_reference(split_dir: Path, images_dir: Path, out_path: Path, arch: str
     return info
 
 
-def load_reference(path: Path, cfg: Config, device: torch.device) -> tuple[nn.Module, list[str]]:
-    """The classifier train_reference saved, in eval mode on `device`, and its labels."""
+def load_reference(path: Path, cfg: Config, device: torch.device,
+                   weights: Path | None = None) -> tuple[nn.Module, list[str]]:
+    """The classifier train_reference saved, in eval mode on `device`, and its labels.
+    weights: the backbone file it was trained from (backbone.source world)."""
     if not Path(path).exists():
         raise SkinaugError(f"{path} not found: run the reference stage first (`dvc repro` runs it)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -705,6 +733,7 @@ def load_reference(path: Path, cfg: Config, device: torch.device) -> tuple[nn.Mo
     if labels != list(cfg.subset.labels):
         raise SkinaugError(f"{path} was trained on labels {labels}, not subset.labels: re-run the reference stage")
     ccfg = cfg.classify
-    model = build_classifier(saved["arch"], len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size)
+    model = build_classifier(saved["arch"], len(labels), ccfg.pretrained, ccfg.freeze_backbone, ccfg.crop_size,
+                             weights)
     model.load_state_dict({**model.state_dict(), **saved["learned"]})
     return model.to(device).eval(), labels

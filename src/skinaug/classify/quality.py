@@ -383,14 +383,14 @@ def plot_grid(table: pd.DataFrame, syn_dir: Path, n: int, path: Path) -> None:
 
 
 def run(split_dir: Path, images_dir: Path, syn_dir: Path, reference: Path, out_dir: Path, metrics_json: Path,
-        cfg: Config, seed: int, title: str) -> dict:
+        cfg: Config, seed: int, title: str, weights: Path | None = None) -> dict:
     """Measure one generate output; write per_image.csv, by_type.csv, by_source_type.csv,
     by_type_label.csv, quality.md, ita_vs_lesion.png and grid.png into out_dir, and the headline
-    into metrics_json."""
+    into metrics_json. weights: the reference's backbone file (classifiers.load_reference)."""
     assert cfg.quality.features in FEATURES
     out_dir = Path(out_dir)
     device = sd21.pick_device(cfg.model.device)
-    model, labels = classifiers.load_reference(reference, cfg, device)
+    model, labels = classifiers.load_reference(reference, cfg, device, weights)
     table, syn_feat, ref, ref_feat = per_image(split_dir, images_dir, syn_dir, model, labels, cfg, device)
     by_type = group_scores(table, syn_feat, ref, ref_feat, ["fitzpatrick_scale"], cfg, seed)
     by_source = group_scores(table, syn_feat, ref, ref_feat, ["source_fitzpatrick_scale", "fitzpatrick_scale"],

@@ -32,9 +32,10 @@ from skinaug.diffusion import sd21
 RULES = SELECT_RULES  # config.py lists them in the order they apply
 
 
-def measures(manifest: pd.DataFrame, syn_dir: Path, reference: Path, rules: list[str], cfg: Config) -> pd.DataFrame:
+def measures(manifest: pd.DataFrame, syn_dir: Path, reference: Path, rules: list[str], cfg: Config,
+             weights: Path | None = None) -> pd.DataFrame:
     """What the rules look at, computed only when a rule needs it: ita and in_band (tone),
-    predicted and p_label (lesion, best_n)."""
+    predicted and p_label (lesion, best_n). weights: the reference's backbone file (load_reference)."""
     table = manifest.copy()
     paths = [str(Path(syn_dir) / f) for f in manifest.file]
     if "tone" in rules:
@@ -42,7 +43,7 @@ def measures(manifest: pd.DataFrame, syn_dir: Path, reference: Path, rules: list
         table["in_band"] = [tone.in_expected_band(v, s) for v, s in zip(table.ita, table.fitzpatrick_scale)]
     if {"lesion", "best_n"} & set(rules):
         device = sd21.pick_device(cfg.model.device)
-        model, labels = classifiers.load_reference(reference, cfg, device)
+        model, labels = classifiers.load_reference(reference, cfg, device, weights)
         _, logp = quality.classifier_pass(model, paths, cfg, device)
         target = np.array([labels.index(x) for x in manifest.label])
         table["predicted"] = [labels[i] for i in logp.argmax(1)]
@@ -73,11 +74,12 @@ def counts(table: pd.DataFrame, dropped: pd.Series) -> pd.DataFrame:
     return out
 
 
-def run(syn_dir: Path, reference: Path, out_dir: Path, cfg: Config) -> pd.DataFrame:
-    """Apply select.rules to one generate output; write kept.csv, decisions.csv, counts.csv/.md."""
+def run(syn_dir: Path, reference: Path, out_dir: Path, cfg: Config, weights: Path | None = None) -> pd.DataFrame:
+    """Apply select.rules to one generate output; write kept.csv, decisions.csv, counts.csv/.md.
+    weights: the reference's backbone file (load_reference)."""
     rules = [r for r in RULES if r in cfg.select.rules]
     manifest = fitzpatrick.read_table(Path(syn_dir) / "manifest.csv")
-    table = measures(manifest, syn_dir, reference, rules, cfg)
+    table = measures(manifest, syn_dir, reference, rules, cfg, weights)
     dropped = decide(table, rules, cfg.select.best_n)
     if len(table) and (dropped != "").all():
         raise SkinaugError(f"select.rules {rules} keep none of the {len(table)} synthetic images in {syn_dir} "
