@@ -145,8 +145,9 @@ def _stage_names(repo: Repo) -> set[str]:
     ("textual_inversion.templates", "imagenet", {"textual_inversion@0", "ablation_textual_inversion@0"}),
     ("splits.dark", [6], {"splits@0", "ablation_splits@0", "generate@0", "report",
                           *(f"ablation_generate@0-{s}" for s in STRATEGIES)}),
-    # the matrix axis: a new architecture adds its own stages and leaves the trained ones alone
-    ("classify.archs", ["resnet18", "vgg16"], {"classify_real@0-vgg16", "classify@0-vgg16-syn",
+    # the matrix axis: a new architecture adds its own stages and leaves the trained ones alone (the
+    # backbone stage runs again for the new one's backbone; resnet18's record, their dep, stays the same)
+    ("classify.archs", ["resnet18", "vgg16"], {"backbone", "classify_real@0-vgg16", "classify@0-vgg16-syn",
                                                "classify@0-vgg16-real_syn"}),
     # speed only: another device or batch size re-runs nothing
     ("model.device", "auto", set()),

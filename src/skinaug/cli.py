@@ -145,12 +145,13 @@ def base(ctx, out_dir: Path) -> None:
 @click.pass_context
 def backbone(ctx, out_dir: Path) -> None:
     """Pretrain the classifiers' backbones (backbone.source: world) or note torchvision's ImageNet weights."""
+    from skinaug.classify.backbone import trains
     from skinaug.demo import backbone as backbone_mod
 
     cfg = _cfg(ctx)
     start = time.monotonic()
     archs = backbone_mod.write(out_dir, cfg)
-    how = "pretrained on the demo world's web corpus" if backbone_mod.trains(cfg) else \
+    how = "pretrained on the demo world's web corpus" if trains(cfg) else \
         f"nothing to train (classify.pretrained {cfg.classify.pretrained}, backbone.source {cfg.backbone.source})"
     click.echo(f"backbone: {', '.join(archs)}: {how} -> {out_dir}, {time.monotonic() - start:.0f} s")
 
