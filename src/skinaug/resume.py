@@ -67,7 +67,7 @@ class Work:
         stamp, checkpoint = self.path / FINGERPRINT, self.path / CHECKPOINT
         if self.processes.is_main_process:
             shutil.rmtree(self._old(), ignore_errors=True)  # a rename cut short by a kill
-            if _read(stamp) == self.fingerprint and checkpoint.is_file():
+            if atomic.read_json(stamp) == self.fingerprint and checkpoint.is_file():
                 print(f"resuming from {checkpoint}", flush=True)
                 for leftover in self.path.rglob(".*"):  # writes a kill cut short
                     if leftover.is_file() and atomic.is_temp(leftover.name):
@@ -102,10 +102,3 @@ class Work:
 
     def _old(self) -> Path:
         return self.out.with_name(f".{self.out.name}.old")
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -22,7 +22,6 @@ are rows of diffusion/strategies.py, the adapters' files diffusion/adapters.py's
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -315,7 +314,7 @@ def loras_for(plan: pd.DataFrame, lora_dir: Path, mode: str, base_dir: Path) -> 
 def _prepare(out_dir: Path, manifest: pd.DataFrame, fingerprint: dict, out_size: int) -> int:
     """Make out_dir hold only readable images of this plan; return how many are still to make."""
     images, state = out_dir / "images", out_dir / STATE_FILE
-    if images.exists() and _read_state(state) != fingerprint:
+    if images.exists() and atomic.read_json(state) != fingerprint:
         print(f"generate: {images} holds images of other settings; starting over")
         shutil.rmtree(images)
     (out_dir / "manifest.csv").unlink(missing_ok=True)
@@ -329,13 +328,6 @@ def _prepare(out_dir: Path, manifest: pd.DataFrame, fingerprint: dict, out_size:
         if path not in planned:
             path.unlink()
     return sum(not _readable(p, out_size) for p in planned)
-
-
-def _read_state(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _readable(path: Path, size: int) -> bool:
