@@ -14,6 +14,7 @@ from pathlib import Path
 from skinaug import SkinaugError
 from skinaug.config import Config
 
+
 def needed_archs(cfg: Config) -> list[str]:
     """Every architecture a stage builds: the study's, the ablation's and the reference classifier's."""
     return sorted({*cfg.classify.archs, cfg.ablation.arch, cfg.quality.arch})

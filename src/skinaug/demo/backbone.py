@@ -25,6 +25,8 @@ from skinaug.classify.backbone import needed_archs, trains
 from skinaug.config import Config
 from skinaug.demo import world
 
+MARKS = sorted(world.GENERIC_MARKS)  # the pretraining classes, in this order
+
 
 def write(out_dir: Path, cfg: Config) -> list[str]:
     """Write out_dir/{arch}.json for every needed architecture, and with backbone.source world its
@@ -60,20 +62,19 @@ def pretrain(arch: str, cfg: Config, out_path: Path) -> None:
     """
     ccfg = dataclasses.replace(cfg.classify, epochs=cfg.backbone.epochs, lr=cfg.backbone.lr,
                                selection="last", freeze_backbone=False)
-    marks = sorted(world.GENERIC_MARKS)
     recipe = json.loads(json.dumps({"arch": arch, "source": "world", "backbone": dataclasses.asdict(cfg.backbone),
-                                    "classify": dataclasses.asdict(ccfg), "marks": marks,
+                                    "classify": dataclasses.asdict(ccfg), "marks": MARKS,
                                     "torch": torch.__version__}))
     record = out_path.with_suffix(".json")
-    made = _read_json(record) or {}
+    made = atomic.read_json(record) or {}
     if out_path.is_file() and made.get("recipe") == recipe and made.get("sha256") == hashing.file_digest(out_path):
         print(f"{out_path} is already made this way; kept", flush=True)
         return
     record.unlink(missing_ok=True)
-    corpus, _ = web_set(cfg)
+    corpus = web_set(cfg)
     with resume.Work(out_path, recipe) as work:
         torch.manual_seed(cfg.backbone.seed)
-        model = classifiers.build_classifier(arch, len(marks), False, False, ccfg.crop_size)
+        model = classifiers.build_classifier(arch, len(MARKS), False, False, ccfg.crop_size)
         classifiers.fit(model, corpus, None, {}, dataclasses.replace(cfg, classify=ccfg), cfg.backbone.seed,
                         desc=f"backbone {arch}", work=work)
         head = classifiers.ARCHITECTURES[arch].head + "."
@@ -86,19 +87,11 @@ def pretrain(arch: str, cfg: Config, out_path: Path) -> None:
         work.discard()
 
 
-def web_set(cfg: Config) -> tuple[classifiers.ImageSet, list[str]]:
-    """The demo world's web corpus at classify.image_size, each photo's class its mark."""
+def web_set(cfg: Config) -> classifiers.ImageSet:
+    """The demo world's web corpus at classify.image_size, each photo's class its mark (MARKS)."""
     b = cfg.backbone
     pixels, fsts, captions = world.web_corpus(b.corpus, b.seed, cfg.classify.image_size)
-    marks = sorted(world.GENERIC_MARKS)
-    names = [next(m for m in marks if m in caption.split()) for caption in captions]
-    targets = torch.tensor([marks.index(name) for name in names])
+    names = [next(m for m in MARKS if m in caption.split()) for caption in captions]
+    targets = torch.tensor([MARKS.index(name) for name in names])
     table = pd.DataFrame({"label": names, "fitzpatrick_scale": fsts})
-    return classifiers.ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), targets, table), marks
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return classifiers.ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), targets, table)
