@@ -91,6 +91,21 @@ def test_profiles_compose_from_conf_and_match_the_committed_params(repo_cfg):
     assert config.compose("paper", ["scenario=3"]).scenario == 3
 
 
+def test_the_ablation_makes_its_own_scenario_1_adapters_outside_scenario_1_only(raw):
+    """In scenario 1 the study's stages make what the ablation reads; ablation.trains, derived from the
+    scenario in conf/, names the seeds its own copies of those stages run for."""
+    assert [config.compose("paper", [f"scenario={s}"]).ablation.trains for s in (1, 2, 3)] == \
+        [[], [0, 42, 123, 1111, 1234], [0, 42, 123, 1111, 1234]]
+    assert config.compose("demo", ["scenario=2", "splits.seeds=[0]"]).ablation.trains == [0, 42]
+    with pytest.raises(config.ConfigError, match=r"ablation.seeds is \[0, 42\]; allowed: seeds within "
+                                                  r"splits.seeds \[0\] in scenario 1"):
+        config.compose("demo", ["scenario=1", "splits.seeds=[0]"])
+    edited = copy.deepcopy(raw)
+    edited["scenario"] = 2  # by hand in params.yaml: trains stays scenario 1's
+    with pytest.raises(config.ConfigError, match=r"ablation.trains is \[\]; .*`make params`"):
+        config.from_dict(edited)
+
+
 def _set(raw: dict, dotted: str, value) -> None:
     *sections, key = dotted.split(".")
     for section in sections:

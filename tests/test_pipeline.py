@@ -83,14 +83,23 @@ def test_exp_show_has_one_row_per_scenario_with_metrics(pipeline):
 
 
 def test_ablation_is_scenario_1_whatever_the_study_runs(pipeline):
+    """In scenario 1 the study's stages make the ablation's splits, tokens, LoRA and reference: trained
+    once. In scenario 2 the ablation's own stages, the same commands, come out of DVC's run cache
+    (splits, seconds, are made again), and nothing that reads them runs again."""
     repo, _ = pipeline
     assert repo.params()["scenario"] == 2
-    ran = {s: set(re.findall(r"Running stage '([^']+)'", (repo.path.parent / f"scenario{s}.log").read_text()))
-           for s in SCENARIOS}
-    ablation = {"ablation_splits@0", "ablation_textual_inversion@0", "ablation_lora@0", "ablation_lora_plain@0",
-                *(f"ablation_{stage}@0-{s}" for stage in ("generate", "classify") for s in STRATEGIES)}
-    assert ablation <= ran[1] and "splits@0" in ran[2]
-    assert not ablation & ran[2]  # scenario 2 keeps scenario 1's ablation
+    logs = {s: (repo.path.parent / f"scenario{s}.log").read_text() for s in SCENARIOS}
+    ran = {s: set(re.findall(r"Running stage '([^']+)'", log)) for s, log in logs.items()}
+    restored = set(re.findall(r"Stage '([^']+)' is cached - skipping run", logs[2]))
+    trainers = ("textual_inversion@0", "lora@0", "reference@0")
+    readers = {"ablation_lora_plain@0",
+               *(f"ablation_{stage}@0-{s}" for stage in ("generate", "classify", "quality") for s in STRATEGIES)}
+    assert {"splits@0", *trainers, *readers} <= ran[1]
+    assert not {s for s in ran[1] if s.startswith(("ablation_splits", "ablation_textual", "ablation_lora@",
+                                                   "ablation_reference"))}, ran[1]
+    assert {f"ablation_{t}" for t in trainers} <= restored, logs[2]
+    assert "ablation_splits@0" in ran[2] and {"splits@0", *trainers} <= ran[2]  # scenario 2's own study
+    assert not readers & ran[2]  # scenario 2 keeps scenario 1's ablation
     for strategy in STRATEGIES:
         for test_name in ("flex_light", "flex_dark"):
             record = json.loads((repo.path / f"metrics/ablation/seed0/{strategy}_{test_name}.json").read_text())
@@ -105,8 +114,9 @@ def test_ablation_lora_rows_use_the_lora_trained_their_way(pipeline):
     trained with the learned tokens: different files, each made as its row needs."""
     repo, _ = pipeline
     used = {}
-    for strategy, folder, tokens in (("img2img_lora", "lora_plain", False), ("img2img_ti_lora", "lora", True)):
-        lora_dir = repo.path / "models/ablation/seed0" / folder
+    for strategy, folder, tokens in (("img2img_lora", "models/ablation/seed0/lora_plain", False),
+                                     ("img2img_ti_lora", "models/scenario1/seed0/lora", True)):  # the study's
+        lora_dir = repo.path / folder
         assert json.loads((lora_dir / "lora.json").read_text())["tokens"] is tokens
         with open(repo.path / f"data/synthetic/ablation/seed0/{strategy}/manifest.csv", newline="") as f:
             (used[strategy],) = {row["lora_sha256"] for row in csv.DictReader(f)}

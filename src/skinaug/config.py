@@ -183,6 +183,10 @@ class AblationConfig:
     seeds: list[int]  # one scenario 1 split, adapters and classifier per seed; Table 5 is their mean ± std
     sources_per_label: int  # training images per label the ablation generates from; 0 = all
     epochs: int  # each strategy's classifier trains this many epochs; 0 = classify.epochs (the paper)
+    # Derived from scenario by conf/config.yaml. The seeds whose scenario 1 splits, tokens, LoRA and
+    # reference the ablation's own stages make: [] in scenario 1 (the study's stages make them).
+    trains: list[int]
+    trains_by_scenario: dict  # trains in each scenario, keyed s1, s2, s3
 
 
 @dataclass(frozen=True)
@@ -444,6 +448,11 @@ RULES: dict[str, Rule] = {
     "ablation.seeds": _each(_SEED),
     "ablation.sources_per_label": _int(0),
     "ablation.epochs": _int(0),
+    # derived from scenario (conf/config.yaml); CROSS_RULES check they agree with it
+    "ablation.trains": Rule(lambda v: len(set(v)) == len(v) and all(map(_SEED.ok, v)),
+                            "a list of seeds without repeats, [] in scenario 1"),
+    "ablation.trains_by_scenario": Rule(lambda v: sorted(v) == ["s1", "s2", "s3"],
+                                        "conf/config.yaml's mapping of s1, s2 and s3 to seeds"),
     "quality.features": _one_of(FEATURES),
     "quality.arch": _one_of(ARCHS),
     "quality.dinov2": _TEXT,
@@ -484,6 +493,12 @@ CROSS_RULES: list[tuple[str, Callable[[Config], bool], str]] = [
     ("splits.dark", lambda c: not set(c.splits.light) & set(c.splits.dark),
      "skin types not in splits.light {c.splits.light}"),
     ("report.seed", lambda c: c.report.seed in c.splits.seeds, "one of splits.seeds {c.splits.seeds}"),
+    # Scenario 1 is Table 5's: the ablation reads the study's splits and adapters of its seeds.
+    ("ablation.seeds", lambda c: c.scenario != 1 or set(c.ablation.seeds) <= set(c.splits.seeds),
+     "seeds within splits.seeds {c.splits.seeds} in scenario 1, whose splits and adapters the ablation shares"),
+    ("ablation.trains", lambda c: c.ablation.trains == ([] if c.scenario == 1 else c.ablation.seeds),
+     "[] in scenario 1, else ablation.seeds: conf/config.yaml derives it, so compose params.yaml from conf/ "
+     "(`dvc exp run -S ...`, `make params`) instead of editing it"),
     ("classify.crop_size", lambda c: c.classify.crop_size <= c.classify.image_size,
      "at most classify.image_size ({c.classify.image_size})"),
     ("classify.crop_size", _vit_fits,
