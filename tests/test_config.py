@@ -96,10 +96,12 @@ def test_the_ablation_makes_its_own_scenario_1_adapters_outside_scenario_1_only(
     scenario in conf/, names the seeds its own copies of those stages run for."""
     assert [config.compose("paper", [f"scenario={s}"]).ablation.trains for s in (1, 2, 3)] == \
         [[], [0, 42, 123, 1111, 1234], [0, 42, 123, 1111, 1234]]
-    assert config.compose("demo", ["scenario=2", "splits.seeds=[0]"]).ablation.trains == [0, 42]
-    with pytest.raises(config.ConfigError, match=r"ablation.seeds is \[0, 42\]; allowed: seeds within "
-                                                  r"splits.seeds \[0\] in scenario 1"):
-        config.compose("demo", ["scenario=1", "splits.seeds=[0]"])
+    fewer = config.compose("demo", ["splits.seeds=[0]"])  # the ablation's seeds follow the study's
+    assert (fewer.ablation.seeds, fewer.ablation.trains) == ([0], [])
+    assert config.compose("demo", ["scenario=2", "ablation.seeds=[5]"]).ablation.trains == [5]
+    with pytest.raises(config.ConfigError, match=r"ablation.seeds is \[0, 5\]; allowed: seeds within "
+                                                  r"splits.seeds \[0, 42\] in scenario 1"):
+        config.compose("demo", ["scenario=1", "ablation.seeds=[0,5]"])
     edited = copy.deepcopy(raw)
     edited["scenario"] = 2  # by hand in params.yaml: trains stays scenario 1's
     with pytest.raises(config.ConfigError, match=r"ablation.trains is \[\]; .*`make params`"):
