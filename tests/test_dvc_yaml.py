@@ -10,6 +10,7 @@ running DVC (tests/test_pipeline.py, changing one param at a time).
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,15 @@ def test_the_report_needs_no_torch():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not [n for n in names if n.split(".")[0] in heavy], f"{path} imports {names}"
+
+
+@pytest.mark.parametrize("study", ["splits", "textual_inversion", "lora", "reference"])
+def test_the_ablations_scenario_1_stages_are_the_studys_in_scenario_1(study):
+    """What the ablation reads in scenario 1 the study's stage makes, and in scenarios 2 and 3 DVC's run
+    cache hands it back from there: only the same command, deps, params and outs make that true."""
+    ours = stages()[f"ablation_{study}"]
+    theirs = json.loads(json.dumps(stages()[study]).replace("${scenario}", "1"))
+    assert ours["matrix"] == {"seed": "${ablation.trains}"} and theirs["matrix"] == {"seed": "${splits.seeds}"}
+    if study == "splits":  # scenario 1 is written into the ablation's command, not read from params
+        theirs["params"] = [p for p in theirs["params"] if p != "scenario"]
+    assert {k: v for k, v in ours.items() if k != "matrix"} == {k: v for k, v in theirs.items() if k != "matrix"}
