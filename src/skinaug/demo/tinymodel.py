@@ -57,6 +57,8 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     copy it, and light sources stay light whatever the prompt asks; with the offset, the
     overall colour of a noised image is not to be trusted and the caption's tone words decide
     it, while the lesion's shape, under the shifted schedule's small per-pixel noise, survives.
+    A larger offset (8, 12) reaches the dark types' bands more often and keeps fewer lesions;
+    the seed moves a base along that trade-off as much (benchmarks/base_tones.py, README).
     Seeded and single-process, so the same arguments give the same weights bit for bit
     on the same machine and torch version. 4-5 minutes on 2 CPU cores at the demo sizes.
     """
