@@ -40,6 +40,7 @@ def test_estimator_ignores_a_dark_lesion_on_light_skin():
 def test_tone_classes_and_bands():
     assert tone.ita_class(60) == "very light" and tone.ita_class(-40) == "dark"
     assert tone.in_expected_band(-45, 6) and not tone.in_expected_band(50, 6)
+    assert [tone.in_dark_range(v) for v in (-90, -45, 0, 10, 11, 50)] == [True, True, True, True, False, False]
 
 
 def test_report_keeps_synthetic_images_of_light_and_dark_sources_apart(tmp_path):

@@ -64,6 +64,12 @@ def in_expected_band(value: float, fitzpatrick_scale: int) -> bool:
     return lower <= value <= upper
 
 
+def in_dark_range(value: float) -> bool:
+    """In FST 5's or FST 6's band: dark, whichever of the two dark types (the demo base cannot be
+    relied on to tell them apart from light sources: README, "FST 5 is not reached everywhere")."""
+    return in_expected_band(value, 5) or in_expected_band(value, 6)
+
+
 def measure(paths: list[Path]) -> np.ndarray:
     values = []
     for path in paths:
