@@ -25,24 +25,20 @@ import torch
 from skinaug import config, prompts, tone
 from skinaug.classify import classifiers, quality
 from skinaug.data import fitzpatrick, trainset
+from skinaug.diffusion import generate, strategies
 
 DARK_TYPES = (5, 6)
-BATCH = 48
+BASE_ALONE = strategies.STRATEGIES["img2img_vanilla"]  # no token, no LoRA
 
 
-def img2img(base: Path, sources: list, labels: list[str], fst: int, cfg: config.Config) -> list:
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(base, safety_checker=None, feature_extractor=None,
-                                                          requires_safety_checker=False, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    g, images = cfg.generate, []
-    for start in range(0, len(sources), BATCH):
-        rows = range(start, min(start + BATCH, len(sources)))
-        images += pipe(prompt=[prompts.skin_text(labels[i], fst) for i in rows], image=[sources[i] for i in rows],
-                       strength=g.strength, guidance_scale=g.guidance, num_inference_steps=g.steps,
-                       generator=[torch.Generator().manual_seed(i) for i in rows]).images
-    return images
+def img2img(base: Path, light: pd.DataFrame, images_dir: Path, fst: int, cfg: config.Config) -> list:
+    """The study's own pipeline and call (generate.synthesize), one seed per source, towards `fst`."""
+    pipe = generate.load_pipeline(base, BASE_ALONE, {}, {}, cfg, torch.device("cpu"))
+    rows = [{"prompt": prompts.skin_prompt(label, fst, use_tokens=False), "seed": i, "source_md5hash": h}
+            for i, (label, h) in enumerate(zip(light.label, light.md5hash))]
+    size = generate.batch_size(cfg, torch.device("cpu"), torch.float32)
+    return [image for start in range(0, len(rows), size)
+            for image in generate.synthesize(pipe, BASE_ALONE, rows[start:start + size], images_dir, cfg)]
 
 
 def lesion_kept(model, images: list, truth: np.ndarray, cfg: config.Config) -> float:
@@ -78,12 +74,12 @@ def main(bases: tuple[Path, ...], workspace: Path, n: int, seed: int) -> None:
     for base in bases:
         row, dark = {"base": str(base)}, []
         for fst in DARK_TYPES:
-            images = img2img(base, sources, list(light.label), fst, cfg)
+            images = img2img(base, light, images_dir, fst, cfg)
             ita = np.array([tone.skin_ita(np.asarray(image)) for image in images])
             row[f"FST {fst} ITA"] = round(float(np.median(ita)), 1)
             row[f"FST {fst} in band %"] = round(100 * np.mean([tone.in_expected_band(v, fst) for v in ita]))
             row[f"FST {fst} lesion kept %"] = round(100 * lesion_kept(model, images, truth, cfg))
-            dark += list((ita >= tone.EXPECTED_ITA[6][0]) & (ita <= tone.EXPECTED_ITA[5][1]))
+            dark += [tone.in_dark_range(v) for v in ita]
         row["dark range %"] = round(100 * np.mean(dark))
         rows.append(row)
         print(f"{base}: dark range {row['dark range %']} %", flush=True)
