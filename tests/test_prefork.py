@@ -33,9 +33,11 @@ def _files(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_only_what_dvc_sets_per_stage_may_differ():
+def test_only_what_dvc_and_a_queued_experiment_s_worker_set_per_stage_may_differ():
     ours = {"HOME": "/h", "OMP_NUM_THREADS": "2", "PWD": "/a", prefork.ENV: "/s"}
     assert prefork.difference(ours, ours | {"PWD": "/b", "DVC_ROOT": "/r", "DVC_EXP_NAME": "x"}) == ""
+    celery = {"CELERY_LOG_FILE": "/q/w.log", "CELERY_LOG_LEVEL": "10", "_MP_FORK_LOGLEVEL_": "10"}
+    assert prefork.difference(ours, ours | celery) == ""  # a queued experiment's stage (dvc exp run --run-all)
     assert prefork.difference(ours, ours | {"OMP_NUM_THREADS": "1"}) == "OMP_NUM_THREADS"
     assert prefork.difference(ours, {k: v for k, v in ours.items() if k != "HOME"} | {"X": "1"}) == "HOME, X"
 

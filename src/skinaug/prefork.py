@@ -13,8 +13,8 @@ modules (never running a torch op, so no thread pool or device exists yet); for 
 forks a child that takes over the three streams, the folder and the environment, runs the command
 as a fresh process would, and sends back its exit status, which the `skinaug` process exits with.
 
-- A command whose environment differs from this process's (other than what DVC sets per stage)
-  runs cold, in its own process, after one line saying why: some libraries read variables once,
+- A command whose environment differs from this process's (other than what DVC and a queued
+  experiment's Celery worker set per stage) runs cold, in its own process, after one line saying why: some libraries read variables once,
   at import (HF_HUB_OFFLINE, OMP_NUM_THREADS).
 - The `skinaug` process forwards SIGINT, SIGTERM and SIGHUP to the child, and the child kills
   itself and its own children when that process goes away (SIGKILL of DVC's process group), so
@@ -40,8 +40,10 @@ import threading
 import traceback
 
 ENV = "SKINAUG_PREFORK"
-# Variables that may differ between this process and a command it forks: DVC sets these per stage.
-PER_COMMAND = ("DVC_",)
+# Variables that may differ between this process and a command it forks: DVC sets these per stage,
+# and a queued experiment's stages (`dvc exp run --run-all`) run under a Celery worker, which sets
+# its logging's (no library reads them at import).
+PER_COMMAND = ("DVC_", "CELERY_", "_MP_FORK_")
 IGNORED = {ENV, "PWD", "OLDPWD", "SHLVL", "_"}
 # What the stages import; each is imported once, before the first fork (missing ones are skipped).
 HEAVY = (
