@@ -24,8 +24,10 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,7 +172,16 @@ def _tree(repo: Repo) -> dict[str, bytes]:
             for top in OUTPUT_DIRS for p in sorted((repo.path / top).rglob("*")) if p.is_file()}
 
 
-def test_killed_repro_resumes_to_the_uninterrupted_outputs(tmp_path):
+@pytest.fixture
+def short_tmp():
+    """A TMPDIR for the killed run: a killed warm process leaves its socket's folder there (6 kills, 6
+    folders), and a socket's path must stay short (about 100 bytes), so not under tmp_path."""
+    folder = tempfile.mkdtemp(prefix="skinaug-kill-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_killed_repro_resumes_to_the_uninterrupted_outputs(tmp_path, short_tmp):
     straight = make_repo(tmp_path / "straight")
     straight.compose_params(KILL_OVERRIDES)
     run, cpu = Repro(straight, tmp_path / "straight.log"), {}  # stage -> CPU seconds its command used
@@ -197,6 +208,7 @@ def test_killed_repro_resumes_to_the_uninterrupted_outputs(tmp_path):
     targets.sort(key=lambda target: order.index(target[1]))
 
     killed = make_repo(tmp_path / "killed")
+    killed.env["TMPDIR"] = short_tmp
     killed.compose_params(KILL_OVERRIDES)
     report, started = [], time.monotonic()
     run = Repro(killed, tmp_path / "killed-0.log")
