@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
 # Repo.dvc runs DVC as `make demo` does: under one warm process that forks its stages (skinaug/prefork.py).
-# Tests that kill a run and look at what it left at once start DVC without it (a forked stage dies
-# a moment after its client does): test_kill runs the whole reduced demo cold. SKINAUG_TEST_COLD=1
-# runs every test's DVC cold too.
+# A forked stage dies a moment after its client does: test_pipeline's interrupted repro, which looks
+# at what a kill left at once, starts DVC without it; test_kill kills warm runs and waits for the
+# fork to go. SKINAUG_TEST_COLD=1 runs every test's DVC cold.
 WARM = [] if os.environ.get("SKINAUG_TEST_COLD") else [sys.executable, "-m", "skinaug.prefork"]
 RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` or `dvc repro` (about 2 min on 2 idle cores; a guard, not a target)
 CMD_TIMEOUT_S = 300  # any other git/dvc command
