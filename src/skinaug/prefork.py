@@ -14,8 +14,8 @@ forks a child that takes over the three streams, the folder and the environment,
 as a fresh process would, and sends back its exit status, which the `skinaug` process exits with.
 
 - A command whose environment differs from this process's (other than what DVC and a queued
-  experiment's Celery worker set per stage) runs cold, in its own process, after one line saying why: some libraries read variables once,
-  at import (HF_HUB_OFFLINE, OMP_NUM_THREADS).
+  experiment's Celery worker set per stage) runs cold, in its own process, after one line saying
+  why: some libraries read variables once, at import (HF_HUB_OFFLINE, OMP_NUM_THREADS).
 - The `skinaug` process forwards SIGINT, SIGTERM and SIGHUP to the child, and the child kills
   itself and its own children when that process goes away (SIGKILL of DVC's process group), so
   stopping a run stops its stage as it would without this.
