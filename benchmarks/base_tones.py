@@ -31,9 +31,8 @@ DARK_TYPES = (5, 6)
 BASE_ALONE = strategies.STRATEGIES["img2img_vanilla"]  # no token, no LoRA
 
 
-def img2img(base: Path, light: pd.DataFrame, images_dir: Path, fst: int, cfg: config.Config) -> list:
-    """The study's own pipeline and call (generate.synthesize), one seed per source, towards `fst`."""
-    pipe = generate.load_pipeline(base, BASE_ALONE, {}, {}, cfg, torch.device("cpu"))
+def img2img(pipe, light: pd.DataFrame, images_dir: Path, fst: int, cfg: config.Config) -> list:
+    """The study's own call (generate.synthesize) on a base's pipeline, one seed per source, towards `fst`."""
     rows = [{"prompt": prompts.skin_prompt(label, fst, use_tokens=False), "seed": i, "source_md5hash": h}
             for i, (label, h) in enumerate(zip(light.label, light.md5hash))]
     size = generate.batch_size(cfg, torch.device("cpu"), torch.float32)
@@ -73,8 +72,9 @@ def main(bases: tuple[Path, ...], workspace: Path, n: int, seed: int) -> None:
     rows = []
     for base in bases:
         row, dark = {"base": str(base)}, []
+        pipe = generate.load_pipeline(base, BASE_ALONE, {}, {}, cfg, torch.device("cpu"))  # once per base
         for fst in DARK_TYPES:
-            images = img2img(base, light, images_dir, fst, cfg)
+            images = img2img(pipe, light, images_dir, fst, cfg)
             ita = np.array([tone.skin_ita(np.asarray(image)) for image in images])
             row[f"FST {fst} ITA"] = round(float(np.median(ita)), 1)
             row[f"FST {fst} in band %"] = round(100 * np.mean([tone.in_expected_band(v, fst) for v in ita]))

@@ -93,8 +93,9 @@ class Repro:
             time.sleep(0.05)
         pytest.fail(f"stage {name} did not start within {timeout} s:\n{self.text[-4000:]}")
 
-    def _commands(self) -> list[psutil.Process]:
-        """The running stage's command: its `skinaug` process, and the warm process's fork that runs it."""
+    def _commands(self) -> list[tuple[psutil.Process, str | None]]:
+        """The running stage's command: its `skinaug` process with the command's name, and the warm
+        process's fork that runs it (None for a name)."""
         try:
             below = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:  # dvc had ended
@@ -105,28 +106,28 @@ class Repro:
                 words = child.cmdline()
             except psutil.Error:
                 continue
-            cold = len(words) > 2 and Path(words[1]).name == "skinaug"  # python .../bin/skinaug <command> ...
-            if cold or words[1:3] == ["-m", "skinaug.prefork"]:  # a fork of the warm process (self.proc)
-                found.append(child)
+            if len(words) > 2 and Path(words[1]).name == "skinaug":  # python .../bin/skinaug <command> ...
+                found.append((child, words[2]))
+            elif words[1:3] == ["-m", "skinaug.prefork"]:  # a fork of the warm process (self.proc)
+                found.append((child, None))
         return found
 
     def command(self) -> tuple[str, float] | None:
         """The `skinaug` command running under this dvc, if any: its name and the CPU seconds it has used
         (its own and its fork's: under the warm process the fork does the work, cold the command does)."""
         name, cpu = None, 0.0
-        for child in self._commands():
+        for child, called in self._commands():
             try:
-                words, times = child.cmdline(), child.cpu_times()
+                times = child.cpu_times()
             except psutil.Error:
                 continue
-            if Path(words[1]).name == "skinaug":
-                name = words[2]
+            name = called or name
             cpu += times.user + times.system
         return (name, cpu) if name else None
 
     def kill(self) -> None:
         """SIGKILL the run's process group, then wait until its forked command (a group of its own) is gone."""
-        forks = self._commands()
+        forks = [child for child, _ in self._commands()]
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:  # dvc and its stage had ended
