@@ -18,13 +18,24 @@ os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_cache" / "torch"))
 torch.set_num_threads(int(os.environ.get("SKINAUG_TEST_THREADS", "2")))
 
 
+TONE_EFFECT = "test_tone_effect.py"  # waits for the demo base pretrained beside the other tests (demobase.py)
+
+
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
+    items.sort(key=lambda item: item.path.name == TONE_EFFECT)  # last (a stable sort keeps the rest's order)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(item.path.name == TONE_EFFECT for item in session.items):
+        import demobase
+
+        demobase.start(session.config)
 
 
 @pytest.fixture(scope="session")

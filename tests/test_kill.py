@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 
 SEED = 10  # of the kill moments
 REPRO_TIMEOUT_S = 1800  # a guard on one whole reduced `dvc repro` (about 1 min on 2 idle cores)
-GONE_S = 30  # a forked command outlives its killed `skinaug` by a moment (skinaug.prefork)
+GONE_S = 30  # a killed run's processes go in a moment: its fork dies with its `skinaug` (skinaug.prefork)
 KILL_OVERRIDES = [*OVERRIDES, "scenario=1", "textual_inversion.checkpoint_every=1", "lora.checkpoint_every=1"]
 KINDS = {  # stage kind -> the stage names of that kind
     "images": r"images",
@@ -126,15 +126,20 @@ class Repro:
         return (name, cpu) if name else None
 
     def kill(self) -> None:
-        """SIGKILL the run's process group, then wait until its forked command (a group of its own) is gone."""
-        forks = [child for child, _ in self._commands()]
+        """SIGKILL the run's process group, then wait until every process of the run is gone: the forked
+        command (a group of its own), and DVC under the warm process, whose PID in DVC's lock file makes
+        the resumed run refuse to start ("is busy") until the system has reaped it."""
+        try:
+            below = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:  # dvc and its stage had ended
+            below = []
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:  # dvc and its stage had ended
             pass
         self.proc.wait(timeout=60)
-        _, alive = psutil.wait_procs(forks, timeout=GONE_S)
-        assert not alive, f"a killed run's command still runs {GONE_S} s later: {alive}"
+        _, alive = psutil.wait_procs(below, timeout=GONE_S)
+        assert not alive, f"a killed run's processes still run {GONE_S} s later: {alive}"
 
     def finish(self, timeout: float = REPRO_TIMEOUT_S) -> None:
         try:

@@ -1,59 +1,37 @@
 """End to end on a reduced demo: the method moves skin tone the way the prompts ask (slow).
 
-The demo profile's own pretrained base (12.5 minutes at two threads on 2 CPU cores, 2026-11-29;
-kept in pytest's cache for the next run of unchanged code, see demo_base), then Textual Inversion
-and LoRA on scenario 1's light training images of two labels, then img2img of those images
-towards FST 5 and 6, as the demo runs them (fewer steps and images). A broken pipeline loses the
-effect: the same adapters with the tone words swapped in the prompts (a dark target asked for as
-very light) must leave the synthetic skin lighter than the sources, not darker.
+The demo profile's own pretrained base, at one thread (pretrained beside the other tests, which
+pytest runs first, and kept in pytest's cache for the next run of unchanged code: demobase.py),
+then Textual Inversion and LoRA on scenario 1's light training images of two labels, then img2img
+of those images towards FST 5 and 6, as the demo runs them (fewer steps and images). A broken
+pipeline loses the effect: the same adapters with the tone words swapped in the prompts (a dark
+target asked for as very light) must leave the synthetic skin lighter than the sources, not darker.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from demobase import result as pretrained_base
 
-from skinaug import config, hashing, prompts, tone
+from skinaug import config, prompts, tone
 from skinaug.data import fitzpatrick, splits
-from skinaug.diffusion import base as diffusion_base
 from skinaug.diffusion import finetune
 from skinaug.diffusion import generate as G
-from skinaug.diffusion import sd21
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["folliculitis", "psoriasis"]
 SOURCES_PER_LABEL = 12
 
 
 @pytest.fixture(scope="module")
-def demo_base(repo_cfg, request, tmp_path_factory) -> Path:
-    """The demo profile's pretrained base, made as the `base` stage makes it, in pytest's cache.
-
-    Its key is every source file of skinaug, the model params and the torch version, so a
-    change to any of them pretrains afresh; a clean clone (CI) always does. `pytest
-    --cache-clear` empties the cache, `-p no:cacheprovider` bypasses it. Older keys are deleted:
-    one base is kept (7 MB)."""
-    if not request.config.pluginmanager.hasplugin("cacheprovider"):
-        return diffusion_base.prepare_base(repo_cfg.model, tmp_path_factory.mktemp("base") / "base")
-    sources = sorted((ROOT / "src" / "skinaug").rglob("*.py"))
-    made_of = [hashing.files_digest(sources, ROOT), dataclasses.asdict(repo_cfg.model), torch.__version__]
-    key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
-    cache = request.config.cache.mkdir("skinaug-demo-base")
-    for old in cache.iterdir():
-        if key not in old.name:  # another key's base, or its lock or leftover .tmp
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    if not (cache / key / sd21.BASE_INFO).is_file():  # written last, before the folder is renamed into place
-        diffusion_base.prepare_base(repo_cfg.model, cache / key)  # the demo's pretraining, as in `dvc repro`
-    return cache / key
+def demo_base(request) -> Path:
+    """The demo profile's pretrained base at one thread, made by the `base` stage's command beside the
+    other tests (demobase.py) and kept in pytest's cache for the next run of unchanged code."""
+    return pretrained_base(request.config)
 
 
 @pytest.fixture(scope="module")
