@@ -96,7 +96,7 @@ def _idle_priority() -> None:
 
 
 def _stop(process: subprocess.Popen | None) -> None:
-    """End a run the session did not wait for (it ended first: -x, Ctrl-C, the tone test deselected)."""
+    """End a run the session did not wait for (it ended first: -x, Ctrl-C)."""
     if process is not None and process.poll() is None:
         process.kill()
         process.wait()
