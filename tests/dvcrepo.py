@@ -23,8 +23,8 @@ BIN = Path(sys.executable).parent
 DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
 # Repo.dvc runs DVC as `make demo` does: under one warm process that forks its stages (skinaug/prefork.py).
 # A forked stage dies a moment after its client does: test_pipeline's interrupted repro, which looks
-# at what a kill left at once, starts DVC without it; test_kill kills warm runs and waits for the
-# fork to go. SKINAUG_TEST_COLD=1 runs every test's DVC cold.
+# at what a kill left at once, starts DVC without it; test_kill kills warm runs and waits for all
+# their processes, the fork too, to go. SKINAUG_TEST_COLD=1 runs every test's DVC cold.
 WARM = [] if os.environ.get("SKINAUG_TEST_COLD") else [sys.executable, "-m", "skinaug.prefork"]
 RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` or `dvc repro` (about 2 min on 2 idle cores; a guard, not a target)
 CMD_TIMEOUT_S = 300  # any other git/dvc command

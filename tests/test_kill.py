@@ -93,15 +93,18 @@ class Repro:
             time.sleep(0.05)
         pytest.fail(f"stage {name} did not start within {timeout} s:\n{self.text[-4000:]}")
 
+    def _below(self) -> list[psutil.Process]:
+        """Every process under the run's first one (DVC, the stage's `skinaug`, the warm process's forks)."""
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:  # dvc and its stage had ended
+            return []
+
     def _commands(self) -> list[tuple[psutil.Process, str | None]]:
         """The running stage's command: its `skinaug` process with the command's name, and the warm
         process's fork that runs it (None for a name)."""
-        try:
-            below = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:  # dvc had ended
-            return []
         found = []
-        for child in below:
+        for child in self._below():
             try:
                 words = child.cmdline()
             except psutil.Error:
@@ -129,10 +132,7 @@ class Repro:
         """SIGKILL the run's process group, then wait until every process of the run is gone: the forked
         command (a group of its own), and DVC under the warm process, whose PID in DVC's lock file makes
         the resumed run refuse to start ("is busy") until the system has reaped it."""
-        try:
-            below = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:  # dvc and its stage had ended
-            below = []
+        below = self._below()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:  # dvc and its stage had ended
