@@ -48,12 +48,21 @@ IGNORED = {ENV, "PWD", "OLDPWD", "SHLVL", "_"}
 # What the stages import; each is imported once, before the first fork (missing ones are skipped).
 HEAVY = (
     "torch", "torchvision", "sklearn.metrics", "scipy.stats", "pandas", "matplotlib.pyplot", "PIL.Image",
-    "transformers", "diffusers", "peft", "accelerate", "dvclive",
-    "skinaug.cli", "skinaug.classify.classifiers", "skinaug.classify.quality", "skinaug.classify.select",
-    "skinaug.diffusion.base", "skinaug.diffusion.finetune", "skinaug.diffusion.generate",
-    "skinaug.demo.tinymodel", "skinaug.report.results", "skinaug.tone",
+    "transformers", "diffusers", "diffusers.guiders", "diffusers.training_utils", "peft", "accelerate", "dvclive",
+    # what each training stage's DVCLive imports as it opens the DVC repo (dvclive.dvc.get_dvc_repo),
+    # and the quality stage's metrics and plots: half a second a stage otherwise
+    "dvc.repo", "dvc.repo.experiments", "dvc.repo.plots", "dvc.repo.stage", "dvc.repo.artifacts",
+    "dvc.repo.datasets", "dvc.scm", "dvc.lock", "dvc.dirs", "dvc.cachemgr", "dvc.data_cloud",
+    "dvc_data.index", "dvc_data.hashfile.db.local", "scmrepo.git", "dulwich.porcelain",
+    "configobj", "torchmetrics.image.fid", "torchmetrics.image.kid", "skimage.color",
+    "matplotlib.backends.backend_agg", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.BmpImagePlugin",
+    "PIL.GifImagePlugin", "PIL.PpmImagePlugin", "pandas.io.formats.csvs",
+    "skinaug.cli", "skinaug.launch", "skinaug.classify.backbone", "skinaug.classify.classifiers",
+    "skinaug.classify.quality", "skinaug.classify.select", "skinaug.diffusion.base", "skinaug.diffusion.finetune",
+    "skinaug.diffusion.generate", "skinaug.demo.backbone", "skinaug.demo.tinymodel", "skinaug.report.results",
+    "skinaug.tone",
 )
-HEAVY_NAMES = {"transformers": ("CLIPTextModel", "CLIPTokenizer"),
+HEAVY_NAMES = {"transformers": ("CLIPTextModel", "CLIPTokenizer"), "skimage.color": ("rgb2lab",),
                "diffusers": ("AutoencoderKL", "UNet2DConditionModel", "StableDiffusionPipeline",
                              "StableDiffusionImg2ImgPipeline", "DDPMScheduler", "PNDMScheduler")}
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
