@@ -38,6 +38,15 @@ def pytest_collection_finish(session):
         demobase.start(session.config)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _stop_warm_processes():
+    """The warm processes a module's throwaway DVC repositories started (dvcrepo.Repo.dvc) end with it."""
+    yield
+    import dvcrepo
+
+    dvcrepo.stop_servers()
+
+
 @pytest.fixture(scope="session")
 def repo_cfg() -> config.Config:
     """The committed params.yaml (the demo profile); tests shrink it with dataclasses.replace."""

@@ -21,11 +21,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = [str(BIN / "dvc")] if (BIN / "dvc").exists() else [sys.executable, "-m", "dvc"]
-# Repo.dvc runs DVC as `make demo` does: under one warm process that forks its stages (skinaug/prefork.py).
-# A forked stage dies a moment after its client does: test_pipeline's interrupted repro, which looks
-# at what a kill left at once, starts DVC without it; test_kill kills warm runs and waits for all
-# their processes, the fork too, to go. SKINAUG_TEST_COLD=1 runs every test's DVC cold.
-WARM = [] if os.environ.get("SKINAUG_TEST_COLD") else [sys.executable, "-m", "skinaug.prefork"]
+# Repo.dvc runs DVC's stages as `make demo` does, forked from a warm process (skinaug/prefork.py); one
+# per repository, started at its first DVC command and kept until the test module ends (stop_servers),
+# so that each further `dvc repro` or `dvc exp run` does not import torch and diffusers again (8 s),
+# and the workers of `dvc queue start` find it too. A forked stage dies a moment after its client
+# does: test_pipeline's interrupted repro, which looks at what a kill left at once, starts DVC
+# without it; test_kill runs each `dvc repro` under a warm process of its own (WARM), as `make demo`
+# does, kills both, and waits for all their processes, the fork too, to go.
+# SKINAUG_TEST_COLD=1 runs every test's DVC cold.
+COLD = bool(os.environ.get("SKINAUG_TEST_COLD"))
+WARM = [] if COLD else [sys.executable, "-m", "skinaug.prefork"]
+HOLD = "import os, sys; print(os.environ['SKINAUG_PREFORK'], flush=True); sys.stdin.read()"  # until stdin closes
+_SERVERS: list[subprocess.Popen] = []
 RUN_TIMEOUT_S = 900  # one reduced `dvc exp run` or `dvc repro` (about 2 min on 2 idle cores; a guard, not a target)
 CMD_TIMEOUT_S = 300  # any other git/dvc command
 
@@ -67,9 +74,11 @@ def env(home: Path) -> dict:
 class Repo:
     def __init__(self, path: Path, env: dict):
         self.path, self.env = path, env
+        self._warm: tuple[dict, str] | None = None  # (the environment its warm process started in, its socket)
 
-    def run(self, *cmd: str, timeout: float = CMD_TIMEOUT_S, ok: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(cmd), cwd=self.path, env=self.env, capture_output=True, text=True,
+    def run(self, *cmd: str, timeout: float = CMD_TIMEOUT_S, ok: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(cmd), cwd=self.path, env=env or self.env, capture_output=True, text=True,
                                 timeout=timeout)
         if ok and result.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
@@ -77,7 +86,20 @@ class Repo:
         return result
 
     def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return self.run(*WARM, *DVC, *args, **kw)
+        return self.run(*DVC, *args, env=self.warm_env(), **kw)
+
+    def warm_env(self) -> dict:
+        """self.env naming this repository's warm process (SKINAUG_PREFORK), started in self.env if it
+        has none yet or self.env changed since; self.env itself when SKINAUG_TEST_COLD is set."""
+        if COLD:
+            return self.env
+        if self._warm is None or self._warm[0] != self.env:
+            server = subprocess.Popen([*WARM, sys.executable, "-c", HOLD], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=self.env)
+            _SERVERS.append(server)
+            self._warm = (dict(self.env), server.stdout.readline().strip())
+            assert self._warm[1], "skinaug.prefork started no warm process"
+        return self.env | {"SKINAUG_PREFORK": self._warm[1]}
 
     def params(self) -> dict:
         return yaml.safe_load((self.path / "params.yaml").read_text())
@@ -102,6 +124,19 @@ class Repo:
         for top in OUTPUT_DIRS:
             files += [p for p in (self.path / top).rglob("*") if p.is_file()]
         return {str(p.relative_to(self.path)): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+
+
+def stop_servers() -> None:
+    """End every warm process Repo.dvc started (conftest calls it as each test module ends)."""
+    while _SERVERS:
+        server = _SERVERS.pop()
+        server.stdin.close()  # its command reads stdin to the end, then exits; the warm process follows
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server.stdout.close()
 
 
 def make_repo(base: Path) -> Repo:
