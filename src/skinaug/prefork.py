@@ -48,19 +48,20 @@ IGNORED = {ENV, "PWD", "OLDPWD", "SHLVL", "_"}
 # What the stages import; each is imported once, before the first fork (missing ones are skipped).
 HEAVY = (
     "torch", "torchvision", "sklearn.metrics", "scipy.stats", "pandas", "matplotlib.pyplot", "PIL.Image",
-    "transformers", "diffusers", "diffusers.guiders", "diffusers.training_utils", "peft", "accelerate", "dvclive",
-    # what each training stage's DVCLive imports as it opens the DVC repo (dvclive.dvc.get_dvc_repo),
-    # and the quality stage's metrics and plots: half a second a stage otherwise
+    "transformers", "diffusers", "peft", "accelerate", "dvclive",
+    "skinaug.cli", "skinaug.classify.classifiers", "skinaug.classify.quality", "skinaug.classify.select",
+    "skinaug.diffusion.base", "skinaug.diffusion.finetune", "skinaug.diffusion.generate",
+    "skinaug.demo.tinymodel", "skinaug.report.results", "skinaug.tone",
+    # What the forks still imported themselves, half a second a stage (sys.modules after each stage of
+    # a reduced dvc.lock run in one process): DVCLive opening the DVC repo as each training stage
+    # starts (dvclive.dvc.get_dvc_repo), the quality stage's metrics and plots, modules loaded lazily.
     "dvc.repo", "dvc.repo.experiments", "dvc.repo.plots", "dvc.repo.stage", "dvc.repo.artifacts",
     "dvc.repo.datasets", "dvc.scm", "dvc.lock", "dvc.dirs", "dvc.cachemgr", "dvc.data_cloud",
-    "dvc_data.index", "dvc_data.hashfile.db.local", "scmrepo.git", "dulwich.porcelain",
-    "configobj", "torchmetrics.image.fid", "torchmetrics.image.kid", "skimage.color",
-    "matplotlib.backends.backend_agg", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.BmpImagePlugin",
-    "PIL.GifImagePlugin", "PIL.PpmImagePlugin", "pandas.io.formats.csvs",
-    "skinaug.cli", "skinaug.launch", "skinaug.classify.backbone", "skinaug.classify.classifiers",
-    "skinaug.classify.quality", "skinaug.classify.select", "skinaug.diffusion.base", "skinaug.diffusion.finetune",
-    "skinaug.diffusion.generate", "skinaug.demo.backbone", "skinaug.demo.tinymodel", "skinaug.report.results",
-    "skinaug.tone",
+    "dvc_data.index", "dvc_data.hashfile.db.local", "scmrepo.git", "dulwich.porcelain", "configobj",
+    "torchmetrics.image.fid", "torchmetrics.image.kid", "skimage.color", "matplotlib.backends.backend_agg",
+    "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
+    "PIL.PpmImagePlugin", "pandas.io.formats.csvs", "diffusers.guiders", "diffusers.training_utils",
+    "skinaug.launch", "skinaug.classify.backbone", "skinaug.demo.backbone",
 )
 HEAVY_NAMES = {"transformers": ("CLIPTextModel", "CLIPTokenizer"), "skimage.color": ("rgb2lab",),
                "diffusers": ("AutoencoderKL", "UNet2DConditionModel", "StableDiffusionPipeline",
