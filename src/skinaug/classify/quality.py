@@ -359,12 +359,12 @@ def plot_grid(table: pd.DataFrame, syn_dir: Path, n: int, path: Path) -> None:
     table = table.assign(band_miss=band_miss(table))
     n = max(1, min(n, len(table)))
     rows = len(GRID_MEASURES) * 2
+    width, height, names = 1.6 * n, 1.9 * rows, 0.9  # inches; names: the left margin for each row's name
     # no ticks and a fixed layout: making 36 axes' ticks and tight_layout took 0.4 of the plot's 1.1 s
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.9 * rows), squeeze=False,
+    fig, axes = plt.subplots(rows, n, figsize=(width + names, height), squeeze=False,
                              subplot_kw={"xticks": [], "yticks": []},
-                             gridspec_kw={"left": 0.9 / (1.6 * n + 0.9), "right": 0.99, "bottom": 0.01,
-                                          "top": 1 - 0.6 / (1.9 * rows), "wspace": 0.08, "hspace": 0.45})
-    fig.set_figwidth(1.6 * n + 0.9)  # room on the left for each row's name
+                             gridspec_kw={"left": names / (width + names), "right": 0.99, "bottom": 0.01,
+                                          "top": 1 - 0.6 / height, "wspace": 0.08, "hspace": 0.45})
     for r, (name, (column, higher, title)) in enumerate(GRID_MEASURES.items()):
         ranked = table.dropna(subset=[column]).sort_values(column, ascending=not higher, kind="stable")
         for half, picks in (("best", ranked.head(n)), ("worst", ranked.tail(n)[::-1])):
