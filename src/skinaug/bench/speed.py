@@ -1,6 +1,6 @@
 """Speed of our stages against the reference implementation, and against the card's own limit.
 
-    skinaug bench            # on a GPU: SD 2.1-base architecture, random weights (about 5 min on an H200)
+    skinaug bench            # on a GPU: SD 2.1-base architecture, random weights (139–142 s on an H200, 2026-11-30)
     skinaug bench --tiny     # anywhere: the same code on the tiny model at 16 px (seconds on a CPU)
 
 Speed does not depend on weight values, so the SD 2.1-base architecture is built from its
