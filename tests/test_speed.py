@@ -161,3 +161,26 @@ def test_tiny_bench_on_the_gpu_reports_memory_and_precisions(tmp_path):
     assert r["precision"] == {"reference": "fp16", "ours": "bf16"}
     assert r["generation"]["reference"]["peak_memory_gb"] > 0 and r["generation"]["ours"]["peak_memory_gb"] > 0
     assert "bf16" in r["matmul"]["label"] and r["study_hours"]["ours"]["total"] > 0
+
+
+def test_generation_profile_script_times_every_variant(tmp_path):
+    """benchmarks/generation_profile.py --tiny: one record per variant, each a settings change of the bench's call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generation_profile", ROOT / "benchmarks" / "generation_profile.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        script.main(str(tmp_path), tiny=True)
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads((tmp_path / "generation_profile.json").read_text())
+    variants = list(r["variants"].values())
+    assert len(variants) == 4 and r["rows"] == 4
+    assert [(v["channels_last"], v["vae_slicing"]) for v in variants] == [(True, True), (False, True),
+                                                                          (False, False), (False, False)]
+    assert len({v["unet_calls"] for v in variants}) == 1 and variants[0]["unet_calls"] > 0
+    for v in variants:
+        assert all(_positive(v[k]) for k in ("images_per_s", "mfu", "call_s", "unet_forward_s", "unet_share_of_call"))
