@@ -16,20 +16,41 @@ from pathlib import Path
 
 import click
 
-from skinaug import SkinaugError, config
+from skinaug import SkinaugError, config, first_line
 
 PathArg = click.Path(path_type=Path)
 ExistingPath = click.Path(exists=True, path_type=Path)
 
 
+# What to lower when a command runs out of GPU memory. Textual inversion at the paper's settings
+# peaked at 25.4 GB on an H200 (benchmarks/README.md): more than a 24 GB card holds.
+OUT_OF_MEMORY = {
+    "textual_inversion": "set textual_inversion.tokens_per_pass to fewer tokens, e.g. 2 (0 = all seven in one "
+                         "pass): less memory, the same result; the run resumes from its last checkpoint",
+    "lora": "set lora.batch_size lower (a change to the paper's recipe) or use a larger card; "
+            "the run resumes from its last checkpoint",
+    "generate": "set generate.batch_size to a fixed number below the automatic one (0 sizes it from free "
+                "memory, up to 64): the same images up to rounding; those made so far are kept",
+    "classify": "set classify.batch_size lower (a change to the paper's recipe) or use a larger card",
+    "reference": "set classify.batch_size lower (a change to the paper's recipe) or use a larger card",
+}
+
+
 class _Group(click.Group):
-    """Turn SkinaugError into one line on stderr and exit status 1."""
+    """Turn SkinaugError, and running out of GPU memory, into one line on stderr and exit status 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SkinaugError as e:
             raise click.ClickException(str(e)) from None
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError, named here without importing torch
+            if type(e).__name__ != "OutOfMemoryError":
+                raise
+            name = ctx.invoked_subcommand
+            what = ". ".join(first_line(e).split(". ")[:3])  # what it tried, and what the card had free
+            fix = OUT_OF_MEMORY.get(name, "free the GPU (another process may hold memory) or lower the batch sizes")
+            raise click.ClickException(f"{name} ran out of GPU memory ({what}): {fix}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
