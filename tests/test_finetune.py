@@ -155,6 +155,33 @@ def test_one_token_per_forward_pass_changes_nothing(ti_run, split, tiny_base, cf
         torch.testing.assert_close(split_passes[name], joint[name], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("free_gib", "precision", "processes", "setting", "expected"), [
+    (139, "bf16", 1, 0, 7),  # an H200: all seven, as the GPU check ran them (25.4 GB)
+    (23, "fp16", 1, 0, 5),  # a 24 GB card: (0.9 x 23 - 4) // (0.7 x 4) = 5
+    (14, "fp16", 1, 0, 3),  # a 16 GB card
+    (23, "no", 1, 0, 2),  # fp32 doubles the per-image memory
+    (5, "fp16", 1, 0, 1),  # never fewer than one
+    (23, "fp16", 1, 6, 6),  # a setting is honoured whatever the memory
+    (5, "fp16", 2, 0, 7),  # several processes: each holds only its share of a pass
+])
+def test_tokens_per_pass_zero_fits_free_gpu_memory(repo_cfg, monkeypatch, free_gib, precision, processes, setting,
+                                                    expected):
+    """textual_inversion.tokens_per_pass 0 sizes the pass from free memory on one GPU (512 px, batch 4)."""
+    c = dataclasses.replace(repo_cfg, model=dataclasses.replace(repo_cfg.model, resolution=512),
+                            textual_inversion=dataclasses.replace(repo_cfg.textual_inversion, batch_size=4,
+                                                                  tokens_per_pass=setting))
+    accelerator = type("FakeAccelerator", (), {"device": torch.device("cuda", 0), "num_processes": processes,
+                                               "mixed_precision": precision})()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(free_gib * 2**30), 0))
+    assert finetune.tokens_per_pass(c, accelerator, 7) == expected
+
+
+def test_tokens_per_pass_zero_is_every_token_on_a_cpu(repo_cfg):
+    accelerator = type("FakeAccelerator", (), {"device": torch.device("cpu"), "num_processes": 1,
+                                               "mixed_precision": "no"})()
+    assert finetune.tokens_per_pass(repo_cfg, accelerator, 7) == 7
+
+
 @pytest.mark.parametrize("templates", ["authors", "imagenet"])
 def test_ti_prompts_come_from_the_chosen_templates(split, tiny_base, cfg, tmp_path, monkeypatch, templates):
     """The authors' 11 neutral templates by default; never "a dark photo of the" unless asked for."""

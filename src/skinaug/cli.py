@@ -25,8 +25,8 @@ ExistingPath = click.Path(exists=True, path_type=Path)
 # What to lower when a command runs out of GPU memory. Textual inversion at the paper's settings
 # peaked at 25.4 GB on an H200 (benchmarks/README.md): more than a 24 GB card holds.
 OUT_OF_MEMORY = {
-    "textual_inversion": "set textual_inversion.tokens_per_pass to fewer tokens, e.g. 2 (0 = all seven in one "
-                         "pass): less memory, the same result; the run resumes from its last checkpoint",
+    "textual_inversion": "set textual_inversion.tokens_per_pass to fewer tokens, e.g. 2 (0 sizes it from free "
+                         "memory, an estimate): less memory, the same result; the run resumes from its last checkpoint",
     "lora": "set lora.batch_size lower (a change to the paper's recipe) or use a larger card; "
             "the run resumes from its last checkpoint",
     "generate": "set generate.batch_size to a fixed number below the automatic one (0 sizes it from free "

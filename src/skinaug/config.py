@@ -118,7 +118,7 @@ class TextualInversionConfig:
     flip_p: float  # probability of a horizontal flip
     checkpoint_every: int  # optimiser updates between resumable checkpoints; 0 = never
     log_every: int  # optimiser updates per DVCLive loss row (the mean over them); shapes the logged curve
-    tokens_per_pass: int  # tokens per forward pass, 0 = all; fewer uses less GPU memory, same result
+    tokens_per_pass: int  # tokens per forward pass, 0 = all (one GPU: as many as free memory holds); same result
     templates: str  # "authors" (their 11 neutral templates) or "imagenet" (diffusers' 27, with "a dark photo of")
 
 

@@ -68,6 +68,12 @@ from skinaug.diffusion import adapters, sd21, training
 _ENCODE_BATCH = 16  # images per VAE call when caching posteriors
 _LOSS_WINDOW = 10  # final loss = mean over the last this-many steps (one step's loss is noisy)
 _TI, _LORA = 0, 1  # phase keys of the counter-based seeds
+# textual_inversion.tokens_per_pass 0 on one GPU: tokens per pass from free memory. The one figure
+# held: all 7 tokens x batch 4 in one pass, 512 px, bf16, peaked at 25.4 GB on an H200 (2026-11-30,
+# benchmarks/README.md). Its split is assumed, not measured: about 4 GiB fixed (weights, the
+# embedding's optimiser state), the rest 0.7 GiB per image of a pass; scales with pixels, x2 in fp32.
+TI_FIXED_GIB = 4.0
+TI_GIB_PER_IMAGE_512 = 0.7
 
 
 # --- textual inversion -------------------------------------------------------------------
@@ -139,6 +145,7 @@ class _TokenRun:
     text_encoder: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr: float
+    per_pass: int  # tokens per forward pass (tokens_per_pass)
 
     @property
     def device(self) -> torch.device:
@@ -150,6 +157,10 @@ def _token_run(rows: pd.DataFrame, labels: list[str], base_dir: Path, cfg: Confi
     ti = cfg.textual_inversion
     accelerator, dtype = _accelerator(cfg.model)
     device = accelerator.device
+    per_pass = tokens_per_pass(cfg, accelerator, len(labels))  # before the models take their memory
+    if per_pass < len(labels) and ti.tokens_per_pass == 0:
+        accelerator.print(f"tokens per forward pass: {per_pass} of {len(labels)}, sized from free GPU memory "
+                          "(textual_inversion.tokens_per_pass 0)")
     comps = sd21.load_components(base_dir)
     token_ids = _add_tokens(comps, [prompts.token(label) for label in labels], ti.init_token)
     comps.text_encoder.to(device)  # stays fp32: the trainable rows live in it
@@ -171,7 +182,23 @@ def _token_run(rows: pd.DataFrame, labels: list[str], base_dir: Path, cfg: Confi
     text_encoder = accelerator.prepare_model(comps.text_encoder, evaluation_mode=True)
     optimizer = accelerator.prepare_optimizer(optimizer)
     return _TokenRun(cfg, seed, labels, comps, accelerator, images, posteriors, samplers, token_ids, embeddings,
-                     original, keep, text_encoder, optimizer, lr)
+                     original, keep, text_encoder, optimizer, lr, per_pass)
+
+
+def tokens_per_pass(cfg: Config, accelerator, tokens: int) -> int:
+    """Tokens per forward pass: textual_inversion.tokens_per_pass; when 0, all of them, except on a
+    single GPU, where as many as free memory holds by TI_FIXED_GIB and TI_GIB_PER_IMAGE_512 (at least 1)."""
+    ti = cfg.textual_inversion
+    if ti.tokens_per_pass > 0:
+        return min(ti.tokens_per_pass, tokens)
+    device = accelerator.device
+    if device.type != "cuda" or accelerator.num_processes > 1:  # several: each holds its share of a pass
+        return tokens
+    free, _ = torch.cuda.mem_get_info(device)
+    per_image = (TI_GIB_PER_IMAGE_512 * (cfg.model.resolution / 512) ** 2
+                 * (2 if accelerator.mixed_precision == "no" else 1))
+    fits = int((0.9 * free / 2**30 - TI_FIXED_GIB) // (per_image * ti.batch_size))
+    return max(1, min(tokens, fits))
 
 
 def _token_update(run: _TokenRun, step: int) -> torch.Tensor:
@@ -180,7 +207,7 @@ def _token_update(run: _TokenRun, step: int) -> torch.Tensor:
     gradient summed over processes, the step, and every other row put back. Returns the
     tokens' losses (CPU)."""
     ti, labels, device = run.cfg.textual_inversion, run.labels, run.device
-    per_pass = ti.tokens_per_pass or len(labels)  # fewer per forward pass: less memory, same result
+    per_pass = run.per_pass  # fewer per forward pass: less memory, same result
     passes = [list(range(len(labels)))[i : i + per_pass] for i in range(0, len(labels), per_pass)]
     step_losses = torch.zeros(len(labels), device=device)
     for micro, group in itertools.product(range(ti.grad_accum), passes):
