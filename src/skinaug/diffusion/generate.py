@@ -43,9 +43,11 @@ MANIFEST_COLUMNS = PLAN_COLUMNS + ["base", "base_revision", "ti_sha256", "lora_s
 STATE_FILE = ".plan.json"  # fingerprint of the run the images in out_dir/images belong to
 CPU_BATCH = 8  # batch_size 0 on CPU: larger batches buy nothing there
 MAX_BATCH = 64  # cap of the automatic GPU batch size
-# Automatic GPU batch: an estimate (not measured) of the memory one more image in a call needs at
-# 512 px in half precision with SDPA: the UNet runs two latents per image (guidance); the VAE
-# decodes one image at a time (slicing). Scales with pixels; doubled in fp32.
+# Automatic GPU batch: an estimate of the memory one more image in a call needs at 512 px in half
+# precision with SDPA: the UNet runs two latents per image (guidance); the VAE decodes one image at
+# a time (slicing). Scales with pixels; doubled in fp32. Generous: on an H200 (2026-11-30) a call
+# of 64 peaked at 11.4 GB with the weights, about 0.13 GiB per image beyond them
+# (benchmarks/README.md), so a 24 GB card gets a batch of about 27 where 64 would fit.
 GIB_PER_IMAGE_512 = 0.75
 
 
