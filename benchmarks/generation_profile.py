@@ -42,7 +42,7 @@ def _unet_seconds(pipe, batch: int, latent: int, device) -> float:
     """One UNet forward at the call's batch (two latents per image: guidance), in the pipe's dtype and layout."""
     unet = pipe.unet
     x = torch.randn(2 * batch, 4, latent, latent, device=device, dtype=unet.dtype)
-    if next(unet.parameters()).is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+    if next(unet.parameters()).is_contiguous(memory_format=torch.channels_last):
         x = x.to(memory_format=torch.channels_last)
     text = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
     t = torch.full((2 * batch,), 500, device=device)

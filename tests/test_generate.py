@@ -534,3 +534,20 @@ def test_cli_refuses_an_adapter_for_another_base_in_one_line_and_writes_nothing(
     assert len(lines) == 1 and lines[0].startswith("Error: ") and named in lines[0], result.output
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("free_gib", "dtype", "resolution", "expected"), [
+    (23, torch.float16, 512, 27),  # a 24 GB card: 0.9 x 23 // 0.75
+    (23, torch.float32, 512, 13),  # fp32 doubles the per-image memory
+    (23, torch.float16, 256, 64),  # a quarter of the pixels: 110, capped
+    (139, torch.bfloat16, 512, 64),  # an H200: the cap
+    (0.5, torch.float16, 512, 1),  # never fewer than one
+])
+def test_batch_size_zero_fits_free_gpu_memory(repo_cfg, monkeypatch, free_gib, dtype, resolution, expected):
+    from skinaug.diffusion import generate
+
+    c = dataclasses.replace(repo_cfg, model=dataclasses.replace(repo_cfg.model, resolution=resolution),
+                            generate=dataclasses.replace(repo_cfg.generate, batch_size=0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(free_gib * 2**30), 0))
+    assert generate.batch_size(c, torch.device("cuda", 0), dtype) == expected
+    assert generate.batch_size(c, torch.device("cpu"), torch.float32) == generate.CPU_BATCH

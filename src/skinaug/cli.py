@@ -22,6 +22,7 @@ PathArg = click.Path(path_type=Path)
 ExistingPath = click.Path(exists=True, path_type=Path)
 
 
+_CLASSIFIER_OUT_OF_MEMORY = "set classify.batch_size lower (a change to the paper's recipe) or use a larger card"
 # What to lower when a command runs out of GPU memory. Textual inversion at the paper's settings
 # peaked at 25.4 GB on an H200 (benchmarks/README.md): more than a 24 GB card holds.
 OUT_OF_MEMORY = {
@@ -31,8 +32,8 @@ OUT_OF_MEMORY = {
             "the run resumes from its last checkpoint",
     "generate": "set generate.batch_size to a fixed number below the automatic one (0 sizes it from free "
                 "memory, up to 64): the same images up to rounding; those made so far are kept",
-    "classify": "set classify.batch_size lower (a change to the paper's recipe) or use a larger card",
-    "reference": "set classify.batch_size lower (a change to the paper's recipe) or use a larger card",
+    "classify": _CLASSIFIER_OUT_OF_MEMORY,
+    "reference": _CLASSIFIER_OUT_OF_MEMORY,
 }
 
 

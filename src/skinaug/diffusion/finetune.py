@@ -194,10 +194,8 @@ def tokens_per_pass(cfg: Config, accelerator, tokens: int) -> int:
     device = accelerator.device
     if device.type != "cuda" or accelerator.num_processes > 1:  # several: each holds its share of a pass
         return tokens
-    free, _ = torch.cuda.mem_get_info(device)
-    per_image = (TI_GIB_PER_IMAGE_512 * (cfg.model.resolution / 512) ** 2
-                 * (2 if accelerator.mixed_precision == "no" else 1))
-    fits = int((0.9 * free / 2**30 - TI_FIXED_GIB) // (per_image * ti.batch_size))
+    fits = sd21.fitting_in_free_memory(device, TI_GIB_PER_IMAGE_512 * ti.batch_size, cfg.model.resolution,
+                                       accelerator.mixed_precision == "no", TI_FIXED_GIB)
     return max(1, min(tokens, fits))
 
 

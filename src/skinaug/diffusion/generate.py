@@ -209,9 +209,8 @@ def batch_size(cfg: Config, device: torch.device, dtype: torch.dtype) -> int:
         return cfg.generate.batch_size
     if device.type != "cuda":
         return CPU_BATCH
-    free, _ = torch.cuda.mem_get_info(device)
-    per_image = GIB_PER_IMAGE_512 * 2**30 * (cfg.model.resolution / 512) ** 2 * (2 if dtype == torch.float32 else 1)
-    return int(max(1, min(MAX_BATCH, 0.9 * free // per_image)))
+    fits = sd21.fitting_in_free_memory(device, GIB_PER_IMAGE_512, cfg.model.resolution, dtype == torch.float32)
+    return max(1, min(MAX_BATCH, fits))
 
 
 def _run(pipe, s: Strategy, todo: list[list[dict]], images_dir: Path | None, out_dir: Path, cfg: Config,

@@ -109,6 +109,15 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cuda", card)
 
 
+def fitting_in_free_memory(device: torch.device, gib_each_512: float, resolution: int, fp32: bool,
+                           fixed_gib: float = 0.0) -> int:
+    """How many items fit in 90 % of the card's free memory after fixed_gib, each taking gib_each_512
+    at 512 px in half precision (scaled by pixels, doubled in fp32); may be 0 or less."""
+    free, _ = torch.cuda.mem_get_info(device)
+    each = gib_each_512 * (resolution / 512) ** 2 * (2 if fp32 else 1)
+    return int((0.9 * free / 2**30 - fixed_gib) // each)
+
+
 def weight_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
     """Half precision on GPU as params say; always fp32 on CPU."""
     if device.type == "cpu" or model.mixed_precision == "no":
