@@ -118,6 +118,34 @@ class Repo:
             del out["data.dvc"]
         return {name.split(":")[-1] for name in out}
 
+    def run_queue(self, jobs: int, timeout: float) -> str:
+        """`dvc queue start -j jobs`, then `dvc queue status` every 5 s until nothing is queued or
+        running: the last status. The start's output goes to a file, not to pipes: its workers,
+        forked by dvc-task through multiprocessing, hold the caller's stdout and stderr until they
+        exit, so reading pipes would wait for every experiment under CMD_TIMEOUT_S (CI, 2026-11-30:
+        it ran out). A worker that quits with experiments still queued (dvc#10562) is started again,
+        as DVC's issue says users do. Fails, with the queue's and the workers' logs, at `timeout`."""
+        deadline, starts, started = time.monotonic() + timeout, 0, -60.0
+        while time.monotonic() < deadline:
+            status = self.dvc("queue", "status").stdout
+            if "Running" not in status and "Queued" not in status:
+                self.dvc("queue", "stop", "--kill", ok=False)
+                return status
+            idle = "Running" not in status and "Worker status: 0 active, 0 idle" in status
+            if idle and time.monotonic() - started > 30 and starts < 3:  # not yet, or no worker left
+                started, log = time.monotonic(), self.path.parent / f"queue-start-{starts}.log"
+                with open(log, "w") as out:
+                    done = subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], cwd=self.path,
+                                          env=self.warm_env(), stdout=out, stderr=subprocess.STDOUT,
+                                          timeout=CMD_TIMEOUT_S)
+                assert done.returncode == 0, log.read_text()
+                starts += 1
+            time.sleep(5)
+        self.dvc("queue", "stop", "--kill", ok=False)
+        workers = "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"
+                            for p in sorted((self.path / ".dvc" / "tmp" / "exps" / "celery").glob("*.out")))
+        pytest.fail(f"the queue did not finish within {timeout} s ({starts} starts):\n{status}\n{workers}")
+
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """(mtime_ns, size) of every output file and of dvc.lock."""
         files = [self.path / "dvc.lock"]

@@ -259,14 +259,7 @@ def test_queued_experiments_on_different_devices_both_succeed(repro):
     for device in ("cpu", "auto"):
         sets = [arg for o in [*OVERRIDES, f"model.device={device}"] for arg in ("-S", o)]
         repo.dvc("exp", "run", "--queue", "--force", *sets, "-n", f"on-{device}", target)
-    repo.dvc("queue", "start", "-j", "2")
-    deadline = time.monotonic() + 2 * RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = repo.dvc("queue", "status").stdout
-        if "Running" not in status and "Queued" not in status:
-            break
-        time.sleep(5)
-    repo.dvc("queue", "stop", "--kill", ok=False)
+    status = repo.run_queue(jobs=2, timeout=RUN_TIMEOUT_S)
     lines = {name: line for line in status.splitlines() for name in ("on-cpu", "on-auto") if name in line}
     assert all("Success" in line for line in lines.values()) and len(lines) == 2, status
     for name in lines:
