@@ -125,26 +125,30 @@ class Repo:
         exit, so reading pipes would wait for every experiment under CMD_TIMEOUT_S (CI, 2026-11-30:
         it ran out). A worker that quits with experiments still queued (dvc#10562) is started again,
         as DVC's issue says users do. Fails, with the queue's and the workers' logs, at `timeout`."""
-        deadline, starts, started = time.monotonic() + timeout, 0, -60.0
+        self._start_queue(jobs, attempt=0)
+        deadline, starts, started, status = time.monotonic() + timeout, 1, time.monotonic(), ""
         while time.monotonic() < deadline:
+            time.sleep(5)
             status = self.dvc("queue", "status").stdout
             if "Running" not in status and "Queued" not in status:
                 self.dvc("queue", "stop", "--kill", ok=False)
                 return status
-            idle = "Running" not in status and "Worker status: 0 active, 0 idle" in status
-            if idle and time.monotonic() - started > 30 and starts < 3:  # not yet, or no worker left
-                started, log = time.monotonic(), self.path.parent / f"queue-start-{starts}.log"
-                with open(log, "w") as out:
-                    done = subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], cwd=self.path,
-                                          env=self.warm_env(), stdout=out, stderr=subprocess.STDOUT,
-                                          timeout=CMD_TIMEOUT_S)
-                assert done.returncode == 0, log.read_text()
-                starts += 1
-            time.sleep(5)
+            no_worker = "Running" not in status and "Worker status: 0 active, 0 idle" in status
+            if no_worker and time.monotonic() - started > 30 and starts < 3:  # dvc#10562
+                self._start_queue(jobs, attempt=starts)
+                starts, started = starts + 1, time.monotonic()
         self.dvc("queue", "stop", "--kill", ok=False)
         workers = "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"
                             for p in sorted((self.path / ".dvc" / "tmp" / "exps" / "celery").glob("*.out")))
         pytest.fail(f"the queue did not finish within {timeout} s ({starts} starts):\n{status}\n{workers}")
+
+    def _start_queue(self, jobs: int, attempt: int) -> None:
+        """`dvc queue start -j jobs`, its output to a file beside the repository (see run_queue)."""
+        log = self.path.parent / f"queue-start-{attempt}.log"
+        with open(log, "w") as out:
+            done = subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], cwd=self.path, env=self.warm_env(),
+                                  stdout=out, stderr=subprocess.STDOUT, timeout=CMD_TIMEOUT_S)
+        assert done.returncode == 0, log.read_text()
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """(mtime_ns, size) of every output file and of dvc.lock."""
