@@ -70,21 +70,26 @@ def _out_of_memory(*args, **kwargs):
         "1.03 GiB is free. Including non-PyTorch memory, this process has 22.50 GiB memory in use.\nmore")
 
 
-@pytest.mark.parametrize(("command", "target", "setting"), [
-    ("textual_inversion", "skinaug.diffusion.finetune.train_textual_inversion", "textual_inversion.tokens_per_pass"),
-    ("generate", "skinaug.diffusion.generate.generate", "generate.batch_size"),
-])
-def test_running_out_of_gpu_memory_is_one_line_naming_the_setting(command, target, setting, tmp_path, monkeypatch):
+def _invoke_paper(command: str, tmp_path: Path, monkeypatch):
+    """`skinaug COMMAND split images base out --seed 0` with the paper profile's settings."""
     from click.testing import CliRunner
 
     from skinaug import cli, config
 
     monkeypatch.setattr(cli, "_cfg", lambda ctx: config.compose("paper"))
-    monkeypatch.setattr(target, _out_of_memory)
     for name in ("split", "images", "base"):
         (tmp_path / name).mkdir()
-    result = CliRunner().invoke(main, [command, *(str(tmp_path / n) for n in ("split", "images", "base", "out")),
-                                       "--seed", "0"])
+    return CliRunner().invoke(main, [command, *(str(tmp_path / n) for n in ("split", "images", "base", "out")),
+                                     "--seed", "0"])
+
+
+@pytest.mark.parametrize(("command", "target", "setting"), [
+    ("textual_inversion", "skinaug.diffusion.finetune.train_textual_inversion", "textual_inversion.tokens_per_pass"),
+    ("generate", "skinaug.diffusion.generate.generate", "generate.batch_size"),
+])
+def test_running_out_of_gpu_memory_is_one_line_naming_the_setting(command, target, setting, tmp_path, monkeypatch):
+    monkeypatch.setattr(target, _out_of_memory)
+    result = _invoke_paper(command, tmp_path, monkeypatch)
     assert result.exit_code == 1 and result.exception is not None and not isinstance(result.exception, RuntimeError)
     (line,) = result.output.splitlines()
     assert line.startswith(f"Error: {command} ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. "
@@ -93,17 +98,9 @@ def test_running_out_of_gpu_memory_is_one_line_naming_the_setting(command, targe
 
 
 def test_other_runtime_errors_are_not_taken_for_running_out_of_memory(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from skinaug import cli, config
-
     def broken(*args, **kwargs):
         raise RuntimeError("something else")
 
-    monkeypatch.setattr(cli, "_cfg", lambda ctx: config.compose("paper"))
     monkeypatch.setattr("skinaug.diffusion.finetune.train_textual_inversion", broken)
-    for name in ("split", "images", "base"):
-        (tmp_path / name).mkdir()
-    result = CliRunner().invoke(main, ["textual_inversion", *(str(tmp_path / n) for n in ("split", "images", "base",
-                                                                                          "out")), "--seed", "0"])
+    result = _invoke_paper("textual_inversion", tmp_path, monkeypatch)
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "something else"

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -170,15 +171,13 @@ def test_tokens_per_pass_zero_fits_free_gpu_memory(repo_cfg, monkeypatch, free_g
     c = dataclasses.replace(repo_cfg, model=dataclasses.replace(repo_cfg.model, resolution=512),
                             textual_inversion=dataclasses.replace(repo_cfg.textual_inversion, batch_size=4,
                                                                   tokens_per_pass=setting))
-    accelerator = type("FakeAccelerator", (), {"device": torch.device("cuda", 0), "num_processes": processes,
-                                               "mixed_precision": precision})()
+    accelerator = SimpleNamespace(device=torch.device("cuda", 0), num_processes=processes, mixed_precision=precision)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(free_gib * 2**30), 0))
     assert finetune.tokens_per_pass(c, accelerator, 7) == expected
 
 
 def test_tokens_per_pass_zero_is_every_token_on_a_cpu(repo_cfg):
-    accelerator = type("FakeAccelerator", (), {"device": torch.device("cpu"), "num_processes": 1,
-                                               "mixed_precision": "no"})()
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, mixed_precision="no")
     assert finetune.tokens_per_pass(repo_cfg, accelerator, 7) == 7
 
 
