@@ -7,8 +7,8 @@
 (benchmarks/README.md, 2026-11-30), against 40 % for the anchor's plain batched pipeline. This
 script times one `generate.synthesize` call of 64 images (the paper's sampler: PNDM 100 steps,
 strength 0.5, guidance 2) built as the bench built ours on that day (fp16, channels_last, VAE
-slicing), then the same call with one setting changed at a time. It also times the UNet alone at the call's batch, in each precision and memory
-layout, so that the UNet's share of the call shows. Random SD 2.1-base weights, like the bench.
+slicing), then the same call with one setting changed at a time. It also times the UNet alone at
+the call's batch, in each precision and memory layout, so that the UNet's share of the call shows. Random SD 2.1-base weights, like the bench.
 Each figure is printed and added to OUT_DIR/generation_profile.json as soon as it is measured, so
 a run cut short keeps what it measured.
 """
