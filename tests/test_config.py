@@ -193,6 +193,8 @@ LABEL = "psoriasis"
     ({"backbone.source": "web"}, "backbone.source", "one of imagenet, world"),
     ({"backbone.corpus": 1}, "backbone.corpus", "an integer >= 2"),
     ({"backbone.epochs": 0}, "backbone.epochs", "an integer >= 1"),
+    ({"model.tiny_vae_batch": 0}, "model.tiny_vae_batch", "an integer >= 1"),
+    ({"model.tiny_unet_batch": 0}, "model.tiny_unet_batch", "an integer >= 1"),
     ({"backbone.lr": 0.0}, "backbone.lr", "a number > 0"),
     ({"report.seed": 7}, "report.seed", "one of splits.seeds [0, 42]"),
     ({"report.bootstrap": 999}, "report.bootstrap", "an integer >= 1000"),

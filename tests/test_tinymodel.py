@@ -13,7 +13,7 @@ from skinaug.diffusion import sd21
 
 
 def test_pretraining_is_deterministic_for_a_seed(tmp_path):
-    args = dict(seed=3, resolution=32, corpus_size=64, vae_steps=2, unet_steps=2, batch_size=4)
+    args = dict(seed=3, resolution=32, corpus_size=64, vae_steps=2, unet_steps=2, vae_batch=4, unet_batch=4)
     a = tinymodel.pretrain(tmp_path / "a", **args)
     b = tinymodel.pretrain(tmp_path / "b", **args)
     random = tinymodel.build(tmp_path / "random", seed=3)
@@ -28,7 +28,7 @@ def test_pretraining_is_deterministic_for_a_seed(tmp_path):
 def pretrained(tmp_path_factory):
     """A barely trained base from `pretrain` (its saved configs are what these tests read)."""
     return tinymodel.pretrain(tmp_path_factory.mktemp("pretrained") / "base", seed=0, resolution=32, corpus_size=64,
-                              vae_steps=2, unet_steps=1, batch_size=4)
+                              vae_steps=2, unet_steps=1, vae_batch=4, unet_batch=4)
 
 
 def test_pretrained_base_encodes_nearly_deterministically_and_predicts_v(pretrained):

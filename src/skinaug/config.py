@@ -104,6 +104,8 @@ class ModelConfig:
     tiny_corpus: int  # tiny model: images in the demo world's web corpus it is pretrained on
     tiny_vae_steps: int  # tiny model: autoencoder pretraining steps (0: random weights)
     tiny_unet_steps: int  # tiny model: UNet + text encoder pretraining steps (0: random weights)
+    tiny_vae_batch: int  # tiny model: autoencoder crops per pretraining step
+    tiny_unet_batch: int  # tiny model: captioned latents per UNet pretraining step
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,8 @@ RULES: dict[str, Rule] = {
     "model.tiny_corpus": _int(1),
     "model.tiny_vae_steps": _int(0),
     "model.tiny_unet_steps": _int(0),
+    "model.tiny_vae_batch": _int(1),
+    "model.tiny_unet_batch": _int(1),
     "textual_inversion.init_token": _TEXT,
     "textual_inversion.steps": _int(1),
     "textual_inversion.batch_size": _int(1),

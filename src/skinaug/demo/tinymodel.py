@@ -37,7 +37,7 @@ def build(out_dir: Path, seed: int = 0, resolution: int = 32, extra_words: set[s
 
 
 def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_steps: int, unet_steps: int,
-             batch_size: int = 32) -> Path:
+             vae_batch: int = 64, unet_batch: int = 32) -> Path:
     """Pretrain the tiny model on the demo world's web corpus, as SD learned skin from the web.
 
     First the autoencoder (reconstruction + a small KL term, like SD's KL-f autoencoder),
@@ -59,6 +59,10 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     it, while the lesion's shape, under the shifted schedule's small per-pixel noise, survives.
     A larger offset (8, 12) reaches the dark types' bands more often and keeps fewer lesions;
     the seed moves a base along that trade-off as much (benchmarks/base_tones.py, README).
+    The batches (vae_batch crops, unet_batch captioned latents a step) set the cost, which is
+    linear in them. Half of them (32, 16) pretrain in 0.59 of the time and darkened light skin on
+    both seeds probed, but the demo's numbers built on that base moved 7-11 points between one
+    and two threads (README, "A cheaper recipe, measured").
     Seeded and single-process, so the same arguments give the same weights bit for bit
     on the same machine and torch version. 4-5 minutes on 2 CPU cores at the demo sizes.
     """
@@ -73,7 +77,7 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     generator = torch.Generator().manual_seed(seed)
 
-    _pretrain_autoencoder(vae, images, vae_steps, generator)
+    _pretrain_autoencoder(vae, images, vae_steps, generator, batch_size=vae_batch)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         moments = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
@@ -90,9 +94,9 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
     bar = tqdm(range(unet_steps), desc="pretrain unet + text encoder", mininterval=2)
     for _ in bar:
-        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        index = torch.randint(0, len(images), (unet_batch,), generator=generator)
         latents = moments[index] * vae.config.scaling_factor
-        batch_ids = torch.where(torch.rand(batch_size, 1, generator=generator) < 0.1, empty, ids[index])
+        batch_ids = torch.where(torch.rand(unet_batch, 1, generator=generator) < 0.1, empty, ids[index])
         loss = training.denoising_loss(unet, noise_scheduler, latents, text_encoder(batch_ids)[0], generator,
                                         noise_offset=NOISE_OFFSET)
         optimizer.zero_grad()

@@ -37,11 +37,13 @@ def _prepare_base(model: ModelConfig, out_dir: Path) -> Path:
 
         if model.tiny_vae_steps or model.tiny_unet_steps:
             tinymodel.pretrain(tmp, model.seed, model.resolution, model.tiny_corpus,
-                               model.tiny_vae_steps, model.tiny_unet_steps)
+                               model.tiny_vae_steps, model.tiny_unet_steps,
+                               vae_batch=model.tiny_vae_batch, unet_batch=model.tiny_unet_batch)
         else:
             tinymodel.build(tmp, seed=model.seed, resolution=model.resolution)
         info = {"base": "tiny", "revision": None, "seed": model.seed, "corpus": model.tiny_corpus,
-                "vae_steps": model.tiny_vae_steps, "unet_steps": model.tiny_unet_steps}
+                "vae_steps": model.tiny_vae_steps, "unet_steps": model.tiny_unet_steps,
+                "vae_batch": model.tiny_vae_batch, "unet_batch": model.tiny_unet_batch}
     elif Path(model.base).is_dir():
         check_base(Path(model.base), fix="set model.base to a complete diffusers folder (or a hub id)")
         shutil.copytree(model.base, tmp, copy_function=_link_or_copy)
