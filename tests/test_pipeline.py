@@ -159,6 +159,8 @@ def _stage_names(repo: Repo) -> set[str]:
     # backbone stage runs again for the new one's backbone; resnet18's record, their dep, stays the same)
     ("classify.archs", ["resnet18", "vgg16"], {"backbone", "classify_real@0-vgg16", "classify@0-vgg16-syn",
                                                "classify@0-vgg16-real_syn"}),
+    ("model.tiny_vae_batch", 32, {"base"}),  # the demo's base (the reduced demo trains it 0 steps)
+    ("model.tiny_unet_batch", 16, {"base"}),
     # speed only: another device or batch size re-runs nothing
     ("model.device", "auto", set()),
     ("generate.batch_size", 4, set()),
