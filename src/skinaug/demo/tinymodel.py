@@ -61,8 +61,9 @@ def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_st
     the seed moves a base along that trade-off as much (benchmarks/base_tones.py, README).
     The batches (vae_batch crops, unet_batch captioned latents a step) set the cost, which is
     linear in them. Half of them (32, 16) pretrain in 0.59 of the time and darkened light skin on
-    both seeds probed, but the demo's numbers built on that base moved 7-11 points between one
-    and two threads (README, "A cheaper recipe, measured").
+    both seeds probed, but five of the six headline figures of a demo built on that base (with
+    shorter adapters and backbone) moved 7-11 points between one and two threads (README, "A
+    cheaper recipe, measured end to end").
     Seeded and single-process, so the same arguments give the same weights bit for bit
     on the same machine and torch version. 4-5 minutes on 2 CPU cores at the demo sizes.
     """
