@@ -37,7 +37,7 @@ def build(out_dir: Path, seed: int = 0, resolution: int = 32, extra_words: set[s
 
 
 def pretrain(out_dir: Path, seed: int, resolution: int, corpus_size: int, vae_steps: int, unet_steps: int,
-             vae_batch: int = 64, unet_batch: int = 32) -> Path:
+             vae_batch: int, unet_batch: int) -> Path:
     """Pretrain the tiny model on the demo world's web corpus, as SD learned skin from the web.
 
     First the autoencoder (reconstruction + a small KL term, like SD's KL-f autoencoder),
@@ -127,8 +127,8 @@ def shifted_betas(latent_size: int) -> list[float]:
     return (1 - shifted / previous).tolist()
 
 
-def _pretrain_autoencoder(vae, images: torch.Tensor, steps: int, generator: torch.Generator,
-                          crop: int = 16, batch_size: int = 64, lr: float = 3e-3) -> None:
+def _pretrain_autoencoder(vae, images: torch.Tensor, steps: int, generator: torch.Generator, *,
+                          batch_size: int, crop: int = 16, lr: float = 3e-3) -> None:
     """Train the KL autoencoder on random crops (it is convolutional; SD's trained on 256 px crops).
 
     An L1 reconstruction keeps the lesions' edges (MSE blurs them first), plus SD's small KL
