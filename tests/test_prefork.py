@@ -125,3 +125,55 @@ def test_no_socket_possible_runs_the_command_cold_after_one_line(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 4 and run.stdout == "ran\n"
     assert run.stderr.startswith("skinaug.prefork: no warm process (") and run.stderr.count("\n") == 1
+
+
+def _rwlock(root: Path, text: str) -> Path:
+    path = root / ".dvc" / "tmp" / "rwlock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text", ["", '{"read": {"data/images": [{"pid": 12', "{"])
+def test_a_rwlock_cut_short_by_a_killed_dvc_is_removed(tmp_path, text, capsys):
+    path = _rwlock(tmp_path, text)
+    (tmp_path / "sub").mkdir()
+    assert prefork.mend_rwlock(tmp_path / "sub")  # found from a folder inside the repository
+    assert not path.exists()
+    assert "removed .dvc/tmp/rwlock" in capsys.readouterr().err
+
+
+def test_a_whole_rwlock_a_held_one_and_no_repository_are_left_alone(tmp_path):
+    repo, lone = tmp_path / "repo", tmp_path / "lone"
+    whole = '{"read": {}, "write": {"data/images": {"pid": 1, "cmd": "dvc repro"}}}'
+    path = _rwlock(repo, whole)
+    assert not prefork.mend_rwlock(repo) and path.read_text() == whole
+    path.write_text("")
+    import zc.lockfile
+
+    guard = zc.lockfile.LockFile(str(path.with_name("rwlock.lock")))  # a live DVC editing it
+    try:
+        assert not prefork.mend_rwlock(repo) and path.read_text() == ""
+    finally:
+        guard.close()
+    assert prefork.mend_rwlock(repo) and not path.exists()  # the guard released: mended
+    assert not prefork.mend_rwlock(repo)  # no file: nothing to do
+    lone.mkdir()
+    (lone / "rwlock").write_text("")  # not under a .dvc folder: not DVC's
+    assert not prefork.mend_rwlock(lone) and (lone / "rwlock").exists()
+
+
+def test_dvc_repro_under_the_warm_process_runs_after_a_kill_left_the_rwlock_empty(tmp_path):
+    """DVC alone stops at the empty file (treeverse/dvc#7615); started by skinaug.prefork it runs."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = _env()
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=120)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n    outs:\n      - out.txt\n")
+    _rwlock(tmp_path, "")
+    alone = subprocess.run([dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "JSON structure is corrupted" in alone.stdout + alone.stderr
+    warm = subprocess.run([*WARM, dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "removed .dvc/tmp/rwlock" in warm.stderr and (tmp_path / "out.txt").read_text() == "hi\n"

@@ -21,6 +21,8 @@ as a fresh process would, and sends back its exit status, which the `skinaug` pr
   stopping a run stops its stage as it would without this.
 - No server (the variable unset, or its process gone): the command runs cold, silently.
 Outputs are those of a cold run, bit for bit: the same code runs on the same inputs and threads.
+
+Before it starts DVC, it mends what a killed DVC can leave: `mend_rwlock`.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from pathlib import Path
 
 ENV = "SKINAUG_PREFORK"
 # Variables that may differ between this process and a command it forks: DVC sets these per stage,
@@ -127,6 +130,8 @@ def _signal_group(pgid: int, number: int) -> None:
 
 def serve(cmd: list[str]) -> int:
     """Run cmd with a warm process listening for its `skinaug` commands; cmd's exit status."""
+    if _runs_dvc(cmd):
+        mend_rwlock(Path.cwd())
     # not TemporaryDirectory: its finalizer would run in every forked child's exit hooks and delete the folder
     folder = tempfile.mkdtemp(prefix="skinaug-prefork-")
     path = os.path.join(folder, "socket")
@@ -173,6 +178,53 @@ def serve(cmd: list[str]) -> int:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
     return proc.wait()
+
+
+def _runs_dvc(cmd: list[str]) -> bool:
+    return Path(cmd[0]).name == "dvc" or cmd[1:3] == ["-m", "dvc"]
+
+
+def mend_rwlock(folder: Path) -> bool:
+    """Remove the repository's .dvc/tmp/rwlock if a killed DVC left it cut short; True if it did.
+
+    DVC rewrites that file in place (truncate, then write) as each stage starts and ends, so a
+    kill in between leaves it empty or half written, and every later `dvc repro` stops at once with
+    "Unable to read RWLock-file ... JSON structure is corrupted" until someone deletes it
+    (treeverse/dvc#7615). It holds only which running DVC processes read or write which paths.
+    The check runs under DVC's own guard for the file (.dvc/tmp/rwlock.lock, released by the
+    system when its holder dies): while a live DVC holds the guard, the file is left alone.
+    """
+    root = next((p for p in (folder, *folder.parents) if (p / ".dvc").is_dir()), None)
+    if root is None:
+        return False
+    path = root / ".dvc" / "tmp" / "rwlock"
+    if not path.is_file() or _valid_json(path):
+        return False
+    try:
+        import zc.lockfile  # DVC's own lock for the file (a dependency of DVC)
+    except ImportError:
+        return False
+    try:
+        guard = zc.lockfile.LockFile(str(path.with_name("rwlock.lock")))
+    except zc.lockfile.LockError:  # a live DVC is editing it
+        return False
+    try:
+        if not path.is_file() or _valid_json(path):
+            return False
+        path.unlink()
+    finally:
+        guard.close()
+    print(f"skinaug.prefork: removed {path.relative_to(root)}, cut short by a DVC killed while writing it "
+          "(treeverse/dvc#7615); DVC starts with no path locks held", file=sys.stderr)
+    return True
+
+
+def _valid_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
 
 
 def _import_heavy() -> None:
