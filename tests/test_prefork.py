@@ -177,3 +177,48 @@ def test_dvc_repro_under_the_warm_process_runs_after_a_kill_left_the_rwlock_empt
                           timeout=120)
     assert warm.returncode == 0, warm.stdout + warm.stderr
     assert "removed .dvc/tmp/rwlock" in warm.stderr and (tmp_path / "out.txt").read_text() == "hi\n"
+
+
+def _repo_with_two_stages(root: Path, env: dict) -> str:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, timeout=120)
+    (root / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs:\n      - a.txt\n"
+                                   "  b:\n    cmd: cat a.txt a.txt > b.txt\n    deps:\n      - a.txt\n"
+                                   "    outs:\n      - b.txt\n")
+    return dvc
+
+
+def test_dvc_repro_under_the_warm_process_runs_after_a_stop_cut_dvc_lock_short(tmp_path):
+    """A dvc.lock cut short mid-write stops DVC alone ("is invalid"); under skinaug.prefork the lock
+    is set aside, DVC takes the finished stages from its run cache, and the lock comes back whole."""
+    env = _env()
+    dvc = _repo_with_two_stages(tmp_path, env)
+    subprocess.run([dvc, "repro", "-q"], cwd=tmp_path, env=env, check=True, timeout=120)
+    whole = (tmp_path / "dvc.lock").read_text()
+    cut = whole[: whole.index("size:", whole.index("b:")) + 3]  # mid-key in stage b's record
+    (tmp_path / "dvc.lock").write_text(cut)
+    alone = subprocess.run([dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "is invalid" in alone.stdout + alone.stderr
+    warm = subprocess.run([*WARM, dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "dvc.lock was cut short" in warm.stderr
+    assert (tmp_path / "dvc.lock").read_text() == whole
+    assert (tmp_path / ".dvc" / "tmp" / "dvc.lock.cut-short").read_text() == cut
+
+
+def test_a_dvc_lock_that_parses_or_whose_repository_lock_is_held_is_left_alone(tmp_path):
+    lock = tmp_path / "dvc.lock"
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    lock.write_text("schema: '2.0'\nstages: {}\n")
+    assert not prefork.mend_lockfile(tmp_path) and lock.exists()
+    lock.write_text("schema: '2.0'\nstages:\n  a:\n    cmd: [")
+    import zc.lockfile
+
+    guard = zc.lockfile.LockFile(str(tmp_path / ".dvc" / "tmp" / "lock"))  # a live DVC in the repository
+    try:
+        assert not prefork.mend_lockfile(tmp_path) and lock.exists()
+    finally:
+        guard.close()
+    assert prefork.mend_lockfile(tmp_path) and not lock.exists()
