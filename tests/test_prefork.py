@@ -134,6 +134,16 @@ def _rwlock(root: Path, text: str) -> Path:
     return path
 
 
+def _repo_with_two_stages(root: Path, env: dict) -> str:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, timeout=120)
+    (root / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs:\n      - a.txt\n"
+                                   "  b:\n    cmd: cat a.txt a.txt > b.txt\n    deps:\n      - a.txt\n"
+                                   "    outs:\n      - b.txt\n")
+    return dvc
+
+
 @pytest.mark.parametrize("text", ["", '{"read": {"data/images": [{"pid": 12', "{"])
 def test_a_rwlock_cut_short_by_a_killed_dvc_is_removed(tmp_path, text, capsys):
     path = _rwlock(tmp_path, text)
@@ -165,28 +175,15 @@ def test_a_whole_rwlock_a_held_one_and_no_repository_are_left_alone(tmp_path):
 
 def test_dvc_repro_under_the_warm_process_runs_after_a_kill_left_the_rwlock_empty(tmp_path):
     """DVC alone stops at the empty file (treeverse/dvc#7615); started by skinaug.prefork it runs."""
-    dvc = str(Path(sys.executable).parent / "dvc")
     env = _env()
-    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
-        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=120)
-    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n    outs:\n      - out.txt\n")
+    dvc = _repo_with_two_stages(tmp_path, env)
     _rwlock(tmp_path, "")
     alone = subprocess.run([dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert alone.returncode != 0 and "JSON structure is corrupted" in alone.stdout + alone.stderr
     warm = subprocess.run([*WARM, dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert warm.returncode == 0, warm.stdout + warm.stderr
-    assert "removed .dvc/tmp/rwlock" in warm.stderr and (tmp_path / "out.txt").read_text() == "hi\n"
-
-
-def _repo_with_two_stages(root: Path, env: dict) -> str:
-    dvc = str(Path(sys.executable).parent / "dvc")
-    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True, timeout=120)
-    (root / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs:\n      - a.txt\n"
-                                   "  b:\n    cmd: cat a.txt a.txt > b.txt\n    deps:\n      - a.txt\n"
-                                   "    outs:\n      - b.txt\n")
-    return dvc
+    assert "removed .dvc/tmp/rwlock" in warm.stderr and (tmp_path / "b.txt").read_text() == "hi\nhi\n"
 
 
 def test_dvc_repro_under_the_warm_process_runs_after_a_stop_cut_dvc_lock_short(tmp_path):
