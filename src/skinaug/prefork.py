@@ -241,10 +241,8 @@ def _set_aside(path: Path, guard: Path, parses, keep: Path | None) -> bool:
     if it does not parse; False if it parses, is missing, or a live process holds the guard."""
     if not path.is_file() or parses(path):
         return False
-    try:
-        import zc.lockfile  # DVC's own locks (a dependency of DVC)
-    except ImportError:
-        return False
+    import zc.lockfile  # DVC's own locks (installed with DVC, a dependency of skinaug)
+
     guard.parent.mkdir(parents=True, exist_ok=True)
     try:
         held = zc.lockfile.LockFile(str(guard))
